@@ -1,0 +1,130 @@
+"""The checkpoint directory every script reads and writes (see DESIGN.md):
+
+    DIR/model.safetensors   weights, our parameter names
+    DIR/model_config.yaml   the Config that builds the model
+    DIR/tokenizer.json      + tokenizer_config.json, generation_config.json, chat_template.jinja when present
+
+Writes go to a temporary sibling directory that is renamed into place once complete, so a killed
+process never leaves a half-written checkpoint under the final name.
+"""
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import GPT, Config
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+class CheckpointError(Exception):
+    """Bad input a user can fix: scripts print it as one line and exit non-zero."""
+
+
+def load_config(checkpoint_dir: str | Path) -> Config:
+    path = Path(checkpoint_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; a checkpoint directory holds {WEIGHTS} and {CONFIG}")
+    try:
+        return Config.from_file(path)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: {e}".splitlines()[0]) from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return load_file(path)  # memory-mapped: tensors are read when first touched
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> GPT:
+    """Build the model on the meta device (no memory, no init) and assign the stored tensors to it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    state = load_state_dict(checkpoint_dir / WEIGHTS)
+    check_state_dict(model, state, checkpoint_dir / WEIGHTS)
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    model.init_rope_cache(torch.device(device))
+    return model
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match {CONFIG}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                              f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, {CONFIG} implies {tuple(shape)}")
+
+
+def save_checkpoint(out_dir: str | Path, config: Config, state_dict: dict[str, torch.Tensor],
+                    tokenizer_dir: str | Path | None = None, metadata: dict | None = None) -> Path:
+    """Write a complete checkpoint directory atomically. metadata (e.g. the run's arguments) goes into the
+    safetensors header as strings, so a checkpoint describes itself."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, tmp / WEIGHTS, metadata={k: str(v) for k, v in (metadata or {}).items()} or None)
+        save_config(config, tmp / CONFIG)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return out_dir
+
+
+def save_config(config: Config, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+@contextmanager
+def atomic_directory(out_dir: Path):
+    """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir, on error it
+    disappears and out_dir is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
