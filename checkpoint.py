@@ -8,6 +8,7 @@ Writes go to a temporary sibling directory that is renamed into place once compl
 process never leaves a half-written checkpoint under the final name.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 class CheckpointError(Exception):
     """Bad input a user can fix: scripts print it as one line and exit non-zero."""
+
+
+def read_json(path: str | Path, missing_ok: bool = False) -> dict:
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
 def load_config(checkpoint_dir: str | Path) -> Config:

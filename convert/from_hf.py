@@ -8,7 +8,6 @@ index, or pytorch_model*.bin (loaded with weights_only=True, so a pickle cannot 
 tokenizer files. Supported: the model_types in convert/families.py.
 """
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from jsonargparse import CLI
 from safetensors import SafetensorError, safe_open
 
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, read_json, save_checkpoint
 from convert.families import config_from_hf, family_for, hf_name, is_ignored, split_fused
 from model import GPT
 
@@ -124,16 +123,6 @@ class HFWeights:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean the same to a user
             raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from jsonargparse import CLI
 from safetensors.torch import save_file
 
 from checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_directory, copy_tokenizer_files, load_config, \
-    load_state_dict
+    load_state_dict, read_json
 from convert.families import FAMILIES, config_to_hf, hf_name, join_fused
 
 
@@ -46,9 +46,7 @@ def convert(checkpoint_dir: Path, *, out_dir: Path) -> Path:
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     # Special token ids live in generation_config.json (copied from the source model); stating them, even as
     # null, keeps transformers' per-class defaults (e.g. Phi-3's pad id 32000) from pointing past the vocabulary.
-    generation = {}
-    if (checkpoint_dir / "generation_config.json").is_file():
-        generation = json.loads((checkpoint_dir / "generation_config.json").read_text(encoding="utf-8"))
+    generation = read_json(checkpoint_dir / "generation_config.json", missing_ok=True)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf_config[key] = generation.get(key)
 

@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from convert.families import config_to_hf
+from model import GPT, Config, attention_masks, configs, softcapped_attention
+
+# Parameter counts of the released checkpoints, as the Hugging Face hub reports them for each repository's
+# safetensors files (tied embeddings counted once).
+PUBLISHED_PARAMETERS = {
+    "Llama-2-7b-hf": 6_738_415_616,
+    "Meta-Llama-3-8B": 8_030_261_248,
+    "Llama-3.2-1B": 1_235_814_400,
+    "TinyLlama-1.1B-intermediate-step-1431k-3T": 1_100_048_384,
+    "Mistral-7B-v0.1": 7_241_732_096,
+    "Mixtral-8x7B-v0.1": 46_702_792_704,
+    "Qwen2.5-0.5B": 494_032_768,
+    "gemma-2-2b": 2_614_341_888,
+    "phi-2": 2_779_683_840,
+    "Phi-3-mini-4k-instruct": 3_821_079_552,
+    "pythia-160m": 162_322_944,
+    "SmolLM2-135M": 134_515_008,
+}
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
+def test_preset_parameter_count_equals_release(name):
+    with torch.device("meta"):
+        assert count_parameters(GPT(Config.from_name(name))) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in configs if c["name"] not in ("tiny-test", "stdlib-llama-15m")])
+def test_every_preset_has_the_shape_transformers_builds(name):
+    """Each preset, written as a HF config, gives transformers' own model with the same number of parameters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = Config.from_name(name)
+    hf_config = config_to_hf(config)
+    hf_config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    with torch.device("meta"):
+        ours, theirs = GPT(config), AutoModelForCausalLM.from_config(hf_config)
+    assert count_parameters(ours) == count_parameters(theirs)
+
+
+def test_preset_names_are_hub_names_and_unique():
+    names = [c["name"] for c in configs]
+    assert len(names) == len(set(names))
+    assert all("/" not in n for n in names)
+    with pytest.raises(ValueError, match="Qwen2.5-0.5B"):
+        Config.from_name("qwen2.5-0.5")
+
+
+def test_config_file_round_trip_and_unknown_field(tmp_path):
+    import yaml
+    config = Config.from_name("gemma-2-2b")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert Config.from_file(tmp_path / "c.yaml") == config
+    (tmp_path / "bad.yaml").write_text("n_layer: 2\nn_layers: 3\n")
+    with pytest.raises(ValueError, match="n_layers"):
+        Config.from_file(tmp_path / "bad.yaml")
+
+
+def test_init_is_documented_scheme():
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-test", n_layer=8, n_embd=256, intermediate_size=512)
+    model = GPT(config)
+    std = 0.02
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
+    residual_std = std / math.sqrt(2 * config.n_layer)
+    assert model.layers[0].attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.equal(model.layers[0].attn_norm.weight, torch.ones(256))
+    gemma = GPT(Config.from_name("tiny-test", norm_offset=1.0))
+    assert torch.equal(gemma.norm.weight, torch.zeros(64))  # (offset + weight) = 1 at init
+
+
+def test_sliding_window_mask_against_a_loop():
+    config = Config.from_name("tiny-test", sliding_window=3)
+    T = 7
+    _, sliding = attention_masks(config, torch.arange(T), torch.arange(T), cached=False)
+    for q in range(T):
+        for k in range(T):
+            assert sliding[q, k].item() == (k <= q and q - k < 3)
+
+
+def test_softcapped_attention_with_gqa_equals_sdpa_when_cap_is_huge():
+    torch.manual_seed(0)
+    B, n_head, n_kv_head, T, hd = 2, 6, 2, 9, 8
+    q, k, v = torch.randn(B, n_head, T, hd), torch.randn(B, n_kv_head, T, hd), torch.randn(B, n_kv_head, T, hd)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(softcapped_attention(q, k, v, None, hd**-0.5, cap=1e9), expected)
+
+
+def test_forward_shapes_and_errors():
+    model = GPT(Config.from_name("tiny-test"))
+    idx = torch.randint(0, 256, (3, 5))
+    assert model(idx).shape == (3, 5, 256)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="set_kv_cache"):
+        model(idx, input_pos=torch.arange(5))
+
+
+def test_meta_built_model_gets_real_rope_tables():
+    with torch.device("meta"):
+        model = GPT(Config.from_name("tiny-test"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 4)))).all()
