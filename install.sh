@@ -10,7 +10,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and then pinned by a constraint, so no dependency (litdata -> torchvision) can swap the build
 .venv/bin/python -m pip install -q $TORCH
-torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
 echo "torch==$torch_version" > .venv/torch-constraint.txt
 .venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".${extra:+[$extra]}"
 # litdata pulls a torchvision whose C++ ops do not match this torch and break `import lightning`

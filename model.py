@@ -513,7 +513,7 @@ configs = [
     # Our own: a model for fast tests, and the built-in CPU default (trained on the Python standard library)
     dict(name="tiny-test", block_size=128, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
          intermediate_size=128),
-    dict(name="stdlib-llama-15m", block_size=512, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, n_embd=384,
-         intermediate_size=1024, tie_embeddings=True),
+    dict(name="stdlib-llama-6m", block_size=256, vocab_size=8192, n_layer=6, n_head=4, n_kv_head=2, n_embd=256,
+         intermediate_size=704, tie_embeddings=True),
 ]
 name_to_config = {c["name"]: c for c in configs}

@@ -9,6 +9,7 @@ tokenizer files. Supported: the model_types in convert/families.py.
 """
 
 import sys
+from argparse import ArgumentError
 from collections import defaultdict
 from pathlib import Path
 
@@ -127,6 +128,6 @@ class HFWeights:
 
 if __name__ == "__main__":
     try:
-        CLI(convert, as_positional=True)
-    except CheckpointError as e:
+        CLI(convert, as_positional=True, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -6,6 +6,7 @@
 
 import json
 import sys
+from argparse import ArgumentError
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,6 +61,6 @@ def convert(checkpoint_dir: Path, *, out_dir: Path) -> Path:
 
 if __name__ == "__main__":
     try:
-        CLI(convert, as_positional=True)
-    except CheckpointError as e:
+        CLI(convert, as_positional=True, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e} (is it a checkpoint directory with {WEIGHTS} and {CONFIG}?)")

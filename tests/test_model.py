@@ -34,7 +34,7 @@ def test_preset_parameter_count_equals_release(name):
         assert count_parameters(GPT(Config.from_name(name))) == PUBLISHED_PARAMETERS[name]
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in configs if c["name"] not in ("tiny-test", "stdlib-llama-15m")])
+@pytest.mark.parametrize("name", [c["name"] for c in configs if c["name"] not in ("tiny-test", "stdlib-llama-6m")])
 def test_every_preset_has_the_shape_transformers_builds(name):
     """Each preset, written as a HF config, gives transformers' own model with the same number of parameters."""
     from transformers import AutoConfig, AutoModelForCausalLM

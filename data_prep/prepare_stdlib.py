@@ -1,0 +1,48 @@
+"""The built-in corpus: the CPython standard library's own sources, on every machine with Python.
+Trains the default tokenizer on it and writes its litdata chunks; skips what is already there.
+
+    python data_prep/prepare_stdlib.py       # -> checkpoints/stdlib-tokenizer, data/stdlib/{train,val}
+"""
+
+import sys
+from argparse import ArgumentError
+import sysconfig
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jsonargparse import CLI
+
+from checkpoint import CheckpointError
+from data_prep import prepare_text, train_tokenizer
+
+# The stdlib without its test suites, bundled tools and whatever pip installed beside it
+EXCLUDE = ["site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"]
+
+
+def main(tokenizer_dir: Path = Path("checkpoints/stdlib-tokenizer"), out_dir: Path = Path("data/stdlib"),
+         vocab_size: int = 8192, workers: int = 2) -> None:
+    """Prepare the stdlib corpus for config_hub/stdlib.yaml.
+
+    Args:
+        tokenizer_dir: where the trained tokenizer goes.
+        out_dir: where the train/ and val/ chunks go.
+        vocab_size: tokenizer vocabulary (must equal the model's vocab_size).
+        workers: tokenizing processes.
+    """
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        train_tokenizer.main(inputs=stdlib, out_dir=tokenizer_dir, vocab_size=vocab_size, pattern="*.py",
+                             exclude=EXCLUDE)
+    if not (out_dir / "train" / "index.json").is_file():
+        prepare_text.main(inputs=stdlib, tokenizer_dir=tokenizer_dir, out_dir=out_dir, pattern="*.py",
+                          exclude=EXCLUDE, workers=workers)
+    print(f"ready: {tokenizer_dir}, {out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        CLI(main, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,0 +1,124 @@
+"""Tokenize a corpus into litdata token chunks that pretrain.py streams.
+
+    python data_prep/prepare_text.py --inputs CORPUS_DIR --tokenizer_dir TOKENIZER_DIR --out_dir data/corpus
+    python data_prep/prepare_text.py --inputs a.jsonl b.jsonl.zst --text_field text ... --fast_dev_run true
+
+Text files (one document each), JSONL / .jsonl.zst (one per line) and parquet (one per row). Each document
+becomes bos + tokens + eos. Whole files go to the train or the val split (a stable hash of the path decides),
+so a document never straddles both. Writes out_dir/train and out_dir/val.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from argparse import ArgumentError
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from jsonargparse import CLI
+from litdata import TokensLoader, optimize
+
+from checkpoint import CheckpointError
+from data_prep.corpus import find_files, read_documents
+from tokenizer import Tokenizer
+
+
+def main(*, inputs: str | list[str], tokenizer_dir: Path, out_dir: Path, pattern: str = "*", exclude: list[str] = [],
+         text_field: str = "text", val_fraction: float = 0.05, workers: int = 2, chunk_bytes: str = "64MB",
+         fast_dev_run: bool = False) -> None:
+    """Tokenize `inputs` into out_dir/train and out_dir/val.
+
+    Args:
+        inputs: a file or directory (searched recursively), or a list of them.
+        tokenizer_dir: a directory with tokenizer.json (a checkpoint or a trained tokenizer).
+        out_dir: where the train/ and val/ chunk directories go.
+        pattern: glob that files inside directories must match (e.g. "*.py").
+        exclude: folder names to skip inside directories (e.g. site-packages test).
+        text_field: the JSONL / parquet field that holds the text.
+        val_fraction: share of files held out for validation.
+        workers: tokenizing processes.
+        chunk_bytes: size of each chunk file.
+        fast_dev_run: process a handful of files end to end, to try a pipeline in seconds.
+    """
+    files = find_files(inputs, pattern, exclude)
+    if fast_dev_run:
+        files = files[:10]
+    train, val = split_files(files, val_fraction)
+    print(f"{len(files)} files: {len(train)} train, {len(val)} val")
+    start = time.perf_counter()
+    for split, split_files_ in (("train", train), ("val", val)):
+        tokenize_to_chunks(split_files_, tokenizer_dir, out_dir / split, text_field, workers, chunk_bytes)
+    report(out_dir / "train", out_dir / "val", start=start)
+
+
+def tokenize_to_chunks(files: list[Path], tokenizer_dir: Path, out_dir: Path, text_field: str = "text",
+                       workers: int = 2, chunk_bytes: str = "64MB", keep_row=None) -> None:
+    """Every document of files -> token chunks in out_dir, one worker process per share of the files."""
+    if not files:
+        return
+    tokenizer = Tokenizer(tokenizer_dir)  # fail here, not in a worker, if the tokenizer is bad
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer needs bos and eos tokens to separate documents")
+    optimize(fn=TokenizeFile(tokenizer_dir, text_field, keep_row), inputs=[str(f) for f in files],
+             output_dir=str(out_dir), num_workers=min(workers, len(files)), chunk_bytes=chunk_bytes,
+             item_loader=TokensLoader(), mode="overwrite", start_method="fork")
+
+
+def report(*chunk_dirs: Path, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    counts = {d: count(d) for d in chunk_dirs}
+    documents, tokens = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    parts = ", ".join(f"{d.name} {c[1]:,}" for d, c in counts.items())
+    print(f"done: {documents:,} documents, {tokens:,} tokens ({parts}) in {elapsed:.1f}s = "
+          f"{tokens / elapsed:,.0f} tokens/s")
+
+
+class TokenizeFile:
+    """What each worker runs on one file: yields one token tensor per document (bos ... eos)."""
+
+    def __init__(self, tokenizer_dir: Path, text_field: str, keep_row=None):
+        self.tokenizer_dir, self.text_field, self.keep_row = tokenizer_dir, text_field, keep_row
+        self.tokenizer = None
+
+    def __call__(self, path: str):
+        if self.tokenizer is None:  # loaded once per worker process
+            self.tokenizer = Tokenizer(self.tokenizer_dir)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        documents = list(read_documents(Path(path), self.text_field, self.keep_row))
+        for start in range(0, len(documents), 256):  # the Rust encoder parallelises a batch
+            for encoding in self.tokenizer.backend.encode_batch(documents[start:start + 256], add_special_tokens=False):
+                yield torch.tensor([bos, *encoding.ids, eos], dtype=torch.int32)
+
+
+def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """A stable split by path hash; at least one val file when there are two or more and val_fraction > 0."""
+    def bucket(p: Path) -> float:
+        return int(hashlib.sha1(str(p).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    val = [f for f in files if bucket(f) < val_fraction]
+    if not val and val_fraction > 0 and len(files) > 1:
+        val = [min(files, key=bucket)]
+    train = [f for f in files if f not in set(val)]
+    return train, val
+
+
+def count(chunk_dir: Path) -> tuple[int, int]:
+    """Documents and tokens in a chunk directory, read from litdata's index."""
+    index = chunk_dir / "index.json"
+    if not index.is_file():
+        return 0, 0
+    chunks = json.loads(index.read_text())["chunks"]
+    return sum(c["chunk_size"] for c in chunks), sum(c["dim"] for c in chunks)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        CLI(main, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

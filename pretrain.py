@@ -1,0 +1,466 @@
+"""Pretrain a GPT on litdata token chunks (from scratch, or continued from a converted checkpoint).
+
+    python data_prep/prepare_stdlib.py && python pretrain.py --config config_hub/stdlib.yaml   # 1 CPU, minutes
+    python pretrain.py --config config_hub/tinyllama.yaml --devices 1                          # 1 GPU
+    python pretrain.py --config config_hub/tinyllama.yaml --devices 8 --strategy fsdp          # 8 GPUs, FSDP2
+    sbatch config_hub/slurm/pretrain.sbatch                                                    # N nodes
+
+Every flag overrides the YAML (`--train.lr 1e-3`); `--print_config` shows the result. A run writes
+out_dir/step-XXXXXXXX/ checkpoints (weights + state/ to resume), out_dir/final/, and out_dir/metrics.csv.
+"""
+
+import csv
+import math
+import os
+import shutil
+import sys
+from argparse import ArgumentError
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jsonargparse import CLI
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, atomic_directory, copy_tokenizer_files, load_config, load_state_dict, \
+    save_config
+from model import GPT, Block, Config
+from tokenizer import Tokenizer
+
+
+@dataclass
+class ModelArgs:
+    name: str = "stdlib-llama-6m"  # a preset of model.py
+    overrides: dict = field(default_factory=dict)  # Config fields to change, e.g. {n_layer: 4}
+
+
+@dataclass
+class DataArgs:
+    train_dirs: list[str] = field(default_factory=lambda: ["data/stdlib/train"])  # litdata chunk directories
+    weights: list[float] | None = None  # sampling weight of each train dir (a mixture); None = equal
+    val_dir: str | None = "data/stdlib/val"
+    num_workers: int = 1  # loader processes per rank
+    shuffle: bool = True
+
+
+@dataclass
+class TrainArgs:
+    global_batch_size: int = 16  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 8  # sequences per forward pass on one rank
+    max_tokens: int | None = None  # stop after this many training tokens...
+    max_steps: int | None = 150  # ...or optimizer steps (the lower wins)...
+    max_time: float | None = None  # ...or seconds of training (checkpoint and stop)
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decays to this
+    warmup_steps: int = 15
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    seed: int = 1337
+
+
+@dataclass
+class EvalArgs:
+    interval: int = 50  # validate every this many steps (and at the end)
+    max_batches: int = 8  # micro-batches of the val split per validation
+
+
+@dataclass
+class CheckpointArgs:
+    interval: int = 100  # save out_dir/step-XXXXXXXX every this many steps
+    keep_last: int = 2  # how many step checkpoints to keep
+
+
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    checkpoint: CheckpointArgs = CheckpointArgs(),
+    out_dir: Path = Path("out/pretrain/stdlib"),
+    tokenizer_dir: Path | None = Path("checkpoints/stdlib-tokenizer"),
+    initial_checkpoint_dir: Path | None = None,
+    resume: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    logger: str = "csv",
+    peak_flops: float | None = None,
+    fast_dev_run: bool = False,
+) -> None:
+    """Pretrain a model from model.py on litdata token chunks.
+
+    Args:
+        model: the preset and field overrides.
+        data: chunk directories and loader settings.
+        train: batch sizes, stopping, optimizer and schedule.
+        eval: validation interval and size.
+        checkpoint: checkpoint interval and retention.
+        out_dir: where checkpoints, metrics.csv and final/ go.
+        tokenizer_dir: tokenizer files copied into every checkpoint (so generate.py can read it).
+        initial_checkpoint_dir: start from these weights (continued pretraining); its config wins over `model`.
+        resume: "auto" (the newest complete step checkpoint in out_dir, if any) or a step directory.
+        devices: devices per node.
+        num_nodes: nodes (SLURM sets the rest).
+        precision: 32-true, bf16-mixed, bf16-true or 16-mixed.
+        strategy: auto (one device), ddp, or fsdp (FSDP2, fully_shard per Block).
+        activation_checkpointing: recompute each Block in the backward pass to save memory.
+        compile: torch.compile the model.
+        logger: csv (always written), plus tensorboard or wandb when named.
+        peak_flops: the device's peak FLOP/s for MFU; default: a table for GPUs, a matmul measured once on CPU.
+        fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
+    """
+    if fast_dev_run:
+        train.max_steps, train.max_tokens, train.max_time = 4, None, None
+        eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+                      strategy=make_strategy(strategy, devices, num_nodes), loggers=make_loggers(logger, out_dir))
+    fabric.launch()
+    main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=out_dir,
+         tokenizer_dir=tokenizer_dir, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
+         activation_checkpointing=activation_checkpointing, compile=compile, peak_flops=peak_flops)
+
+
+def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, initial_checkpoint_dir, resume,
+         activation_checkpointing, compile, peak_flops):
+    out_dir = Path(out_dir)
+    if initial_checkpoint_dir is not None:
+        config = load_config(initial_checkpoint_dir)
+    else:
+        config = Config.from_name(model_args.name, **model_args.overrides)
+    world = fabric.world_size
+    if train.global_batch_size % (train.micro_batch_size * world):
+        raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                              f"micro_batch_size x world size = {train.micro_batch_size * world}")
+    accum_steps = train.global_batch_size // (train.micro_batch_size * world)
+    tokens_per_step = train.global_batch_size * config.block_size
+    limits = [s for s in (train.max_steps, train.max_tokens and train.max_tokens // tokens_per_step) if s]
+    if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
+        raise CheckpointError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
+    max_steps = min(limits)
+    if tokenizer_dir is not None and Tokenizer(tokenizer_dir).vocab_size > config.vocab_size:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has {Tokenizer(tokenizer_dir).vocab_size} tokens, "
+                              f"more than the model's vocab_size {config.vocab_size}")
+
+    fabric.seed_everything(train.seed)
+    train_loader, val_loader = make_loaders(fabric, data, config, train.micro_batch_size, train.seed)
+
+    with fabric.init_module():  # the same seed on every rank: identical weights before sharding or DDP
+        model = GPT(config)
+    if initial_checkpoint_dir is not None:
+        model.load_state_dict(load_state_dict(Path(initial_checkpoint_dir) / "model.safetensors"))
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    fabric.print(f"{config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {world} rank(s), "
+                 f"{accum_steps} micro-batch(es) of {train.micro_batch_size} x {config.block_size} per rank and step")
+    model = fabric.setup_module(model)
+    raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
+    # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
+    optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train, fabric.device))
+    forward = torch.compile(model) if compile else model
+
+    state = dict(step=0, tokens=0, train_time=0.0)
+    resume_dir = find_resume_dir(out_dir, resume)
+    if resume_dir is not None:
+        load_training_state(fabric, resume_dir, raw_model, optimizer, train_loader, state)
+        fabric.print(f"resumed from {resume_dir} at step {state['step']}")
+
+    flops_per_token = flops_per_token_of(raw_model, config)
+    peak = peak_flops or device_peak_flops(fabric.device, fabric._precision)
+    metrics = MetricsCSV(out_dir / "metrics.csv", fabric.global_rank == 0, truncate_after_step=state["step"])
+    fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt, out_dir,
+        tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
+
+    save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, train_loader, state, config, tokenizer_dir,
+                        with_state=False)
+    fabric.print(f"final checkpoint: {out_dir / 'final'}")
+
+
+def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt, out_dir,
+        tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics):
+    train_iter = batches_forever(train_loader)
+    progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="pretrain",
+                    dynamic_ncols=True)
+    recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    for step in range(state["step"] + 1, max_steps + 1):
+        last_step = step == max_steps
+        lr = lr_at(step, train, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=fabric.device)
+        for micro in range(accum_steps):
+            batch = next(train_iter)
+            x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
+            with fabric.no_backward_sync(model, enabled=micro < accum_steps - 1):
+                logits = forward(x)
+                # Full blocks, every token a target: the mean per micro-batch divided by the number of
+                # micro-batches is the mean over the whole optimizer step.
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum_steps
+                fabric.backward(loss)
+            loss_sum += loss.detach()
+        train_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item()
+        if not math.isfinite(train_loss):
+            raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
+                                  "kept (try a lower --train.lr or --train.grad_clip)")
+        if train.grad_clip:
+            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_time = time.perf_counter() - step_start
+        state["step"] = step
+        state["tokens"] += train.global_batch_size * config.block_size
+        state["train_time"] += step_time
+        recent.append((train.global_batch_size * config.block_size, step_time))
+        # tokens over the elapsed training time of the last steps (not one step's timestamp)
+        tokens_per_sec = sum(t for t, _ in recent) / sum(s for _, s in recent)
+        row = dict(step=step, tokens=state["tokens"], train_loss=train_loss, val_loss=None, lr=lr,
+                   tokens_per_sec=tokens_per_sec,
+                   mfu=tokens_per_sec * flops_per_token / (peak * fabric.world_size) if peak else None)
+        if val_loader is not None and (step % eval.interval == 0 or last_step):
+            row["val_loss"] = validate(fabric, forward, val_loader, eval.max_batches)
+        progress.update(1)
+        progress.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if row["val_loss"] else {}),
+                             tok_s=f"{tokens_per_sec:,.0f}")
+        metrics.log(row)
+        fabric.log_dict({k: v for k, v in row.items() if v is not None}, step=step)
+
+        out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
+        if step % ckpt.interval == 0 or last_step or out_of_time:
+            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, train_loader, state,
+                                config, tokenizer_dir, with_state=True)
+            prune_checkpoints(fabric, out_dir, ckpt.keep_last)
+        if out_of_time:
+            fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
+            break
+    progress.close()
+
+
+def batches_forever(loader):
+    # Each pass over a StreamingDataLoader is one epoch (reshuffled by epoch number). After load_state_dict
+    # the first pass continues the interrupted epoch where it stopped, so resume never replays batches.
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def validate(fabric, forward, val_loader, max_batches: int) -> float:
+    forward.eval()
+    losses = []
+    for i, batch in enumerate(val_loader):
+        if i >= max_batches:
+            break
+        x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
+        losses.append(F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten()))
+    forward.train()
+    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+
+
+def lr_at(step: int, train: TrainArgs, max_steps: int) -> float:
+    """Linear warmup from 0, then cosine from lr down to min_lr at max_steps."""
+    if step <= train.warmup_steps:
+        return train.lr * step / max(train.warmup_steps, 1)
+    progress = (step - train.warmup_steps) / max(max_steps - train.warmup_steps, 1)
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, train: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on norms, biases and embeddings: the 1-D parameters and the embedding table
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
+    groups = [dict(params=decay, weight_decay=train.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda")
+
+
+def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, seed: int):
+    for d in data.train_dirs + ([data.val_dir] if data.val_dir else []):
+        if not (Path(d) / "index.json").is_file():
+            raise CheckpointError(f"{d}: no litdata chunks here (index.json missing); prepare the data first, "
+                                  "e.g. python data_prep/prepare_stdlib.py")
+    # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
+    # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
+    datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1), shuffle=data.shuffle,
+                                 drop_last=True, seed=seed) for d in data.train_dirs]
+    for d, ds in zip(data.train_dirs, datasets):
+        if len(ds) < micro_batch_size * fabric.world_size:
+            raise CheckpointError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer than "
+                                  f"one micro-batch per rank; use more data or a smaller block_size")
+    train_set = datasets[0] if len(datasets) == 1 else CombinedStreamingDataset(
+        datasets, seed=seed, weights=data.weights, iterate_over_all=False)
+    train_loader = StreamingDataLoader(train_set, batch_size=micro_batch_size, num_workers=data.num_workers,
+                                       drop_last=True)
+    val_loader = None
+    if data.val_dir:
+        val_set = StreamingDataset(data.val_dir, item_loader=TokensLoader(block_size=config.block_size + 1),
+                                   shuffle=False, drop_last=True)
+        if len(val_set) >= micro_batch_size * fabric.world_size:
+            val_loader = StreamingDataLoader(val_set, batch_size=micro_batch_size, num_workers=0, drop_last=True)
+        else:
+            fabric.print(f"warning: {data.val_dir} holds less than one micro-batch per rank; no validation")
+    return train_loader, val_loader
+
+
+def make_strategy(name: str, devices: int | str, num_nodes: int):
+    if name == "fsdp":
+        from lightning.fabric.strategies import ModelParallelStrategy
+        # pure data parallelism over every device (Lightning's "auto" would make the devices of a node a TP group)
+        per_node = devices if isinstance(devices, int) else max(torch.cuda.device_count(), 1)
+        return ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=per_node * num_nodes,
+                                     tensor_parallel_size=1, save_distributed_checkpoint=False)
+    if name in ("auto", "ddp"):
+        return name
+    raise CheckpointError(f"--strategy {name!r}: expected auto, ddp or fsdp")
+
+
+def shard_blocks(model: GPT, device_mesh) -> GPT:
+    """FSDP2: every Block its own shard group, then the rest (embedding, final norm, head) at the root."""
+    from torch.distributed.fsdp import fully_shard
+    mesh = device_mesh["data_parallel"]
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def make_loggers(name: str, out_dir: Path):
+    if name == "csv":
+        return []  # metrics.csv is always written by MetricsCSV
+    if name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+        return [TensorBoardLogger(root_dir=out_dir, name="tensorboard")]
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+        return [WandbLogger(save_dir=out_dir, project="gptkit")]
+    raise CheckpointError(f"--logger {name!r}: expected csv, tensorboard or wandb")
+
+
+class MetricsCSV:
+    """out_dir/metrics.csv, one row per step. On resume the rows after the resumed step (written by the run
+    that was killed) are dropped, so the file reads like one uninterrupted run."""
+
+    COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
+
+    def __init__(self, path: Path, enabled: bool, truncate_after_step: int):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if path.is_file() and truncate_after_step > 0:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= truncate_after_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.COLUMNS).writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, state, config, tokenizer_dir,
+                        with_state: bool) -> None:
+    """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume.
+    Under FSDP2 the shards are gathered to full tensors on rank 0, so the format does not depend on the
+    world size and a run can resume on a different number of devices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+        get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(raw_model, options=options)
+    optim_state = get_optimizer_state_dict(raw_model, optimizer, options=options) if with_state else None
+    loader_state = train_loader.state_dict() if with_state else None
+    if fabric.global_rank == 0:
+        from safetensors.torch import save_file
+        with atomic_directory(path) as tmp:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+            save_config(config, tmp / "model_config.yaml")
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, tmp)
+            if with_state:
+                (tmp / "state").mkdir()
+                torch.save(dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(),
+                                **state), tmp / "state" / "train_state.pt")
+    fabric.barrier()
+
+
+def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+    saved = torch.load(path / "state" / "train_state.pt", weights_only=True)  # our own format: no code runs
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(raw_model, load_state_dict(path / "model.safetensors"), options=options)
+    set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"], options=options)
+    train_loader.load_state_dict(saved["train_loader"])
+    torch.set_rng_state(saved["rng"])
+    state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
+
+
+def find_resume_dir(out_dir: Path, resume: str | None) -> Path | None:
+    """--resume auto: the newest complete step checkpoint (a half-written one still has its temporary name,
+    so it is never picked); --resume PATH: that one."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not (Path(resume) / "state" / "train_state.pt").is_file():
+            raise CheckpointError(f"--resume {resume}: not a step checkpoint (state/train_state.pt missing)")
+        return Path(resume)
+    steps = sorted(p for p in out_dir.glob("step-*") if (p / "state" / "train_state.pt").is_file())
+    return steps[-1] if steps else None
+
+
+def prune_checkpoints(fabric, out_dir: Path, keep_last: int) -> None:
+    if fabric.global_rank == 0:
+        for old in sorted(out_dir.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old)
+
+
+def flops_per_token_of(model: GPT, config: Config) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
+    12 * n_layer * n_embd * T. The input embedding is a lookup, not a matmul, unless tied to the head."""
+    params = sum(p.numel() for p in model.parameters())
+    if not config.tie_embeddings:
+        params -= config.vocab_size * config.n_embd
+    return 6 * params + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def device_peak_flops(device: torch.device, precision) -> float | None:
+    """The device's peak FLOP/s in the training precision: a table for GPUs, a measured matmul on CPU."""
+    low_precision = "bf16" in str(getattr(precision, "precision", "")) or "16" in type(precision).__name__
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+        peak = next((v for k, v in table.items() if k in name), None)
+        return peak if peak is None or low_precision else peak / 16  # tf32-less fp32 runs at about 1/16
+    if device.type == "cpu":
+        # The practical peak: the best of a few 2048^3 matmuls (BENCH.md's reference measurement)
+        a = torch.randn(2048, 2048, dtype=torch.bfloat16 if low_precision else torch.float32)
+        a @ a  # warm up
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        return 2 * 2048**3 / best
+    return None
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    try:
+        CLI(setup, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,0 +1,280 @@
+"""data_prep and pretrain.py end to end on a tiny corpus, in subprocesses as a user runs them."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from checkpoint import load_model
+from conftest import ROOT
+from data_prep import prepare_text, train_tokenizer
+from tokenizer import Tokenizer
+
+VOCAB = 320  # the tiny tokenizer's size: 256 byte symbols, 2 specials and a few merges
+
+
+def write_corpus(path: Path, n_files: int = 12) -> Path:
+    path.mkdir(parents=True)
+    for i in range(n_files):
+        lines = [f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)]
+        (path / f"module_{i}.py").write_text("".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    corpus = write_corpus(root / "corpus")
+    (corpus / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))  # not UTF-8: skipped with a warning
+    with pytest.warns(UserWarning, match="latin1.py"):
+        train_tokenizer.main(inputs=str(corpus), out_dir=root / "tokenizer", vocab_size=VOCAB)
+    # (prepare_text's workers are separate processes: their warning goes to stderr; the count test checks the skip)
+    prepare_text.main(inputs=str(corpus), tokenizer_dir=root / "tokenizer", out_dir=root / "chunks",
+                      workers=1, val_fraction=0.2)
+    return root
+
+
+def pretrain_cmd(data: Path, out_dir: Path, *extra: str, steps: int = 36) -> list[str]:
+    return [sys.executable, "pretrain.py", "--model.name", "tiny-test",
+            "--model.overrides", json.dumps(dict(vocab_size=VOCAB, block_size=32)),
+            "--data.train_dirs", json.dumps([str(data / "chunks" / "train")]),
+            "--data.val_dir", str(data / "chunks" / "val"), "--data.num_workers", "1",
+            "--tokenizer_dir", str(data / "tokenizer"), "--out_dir", str(out_dir),
+            "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", str(steps),
+            "--train.lr", "1e-2", "--train.min_lr", "1e-3", "--train.warmup_steps", "2",
+            "--eval.interval", "10", "--eval.max_batches", "2", "--checkpoint.interval", "10",
+            "--checkpoint.keep_last", "5", *extra]
+
+
+def run(cmd, **kwargs):
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    with open(out_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_chunks_read_back_equal_the_tokenized_documents(tiny_data):
+    from litdata import StreamingDataset, TokensLoader
+    tokenizer = Tokenizer(tiny_data / "tokenizer")
+    documents = prepare_text.count(tiny_data / "chunks" / "train")[0] + prepare_text.count(tiny_data / "chunks" / "val")[0]
+    assert documents == 12  # the latin-1 file was skipped
+    stream = torch.cat([StreamingDataset(str(tiny_data / "chunks" / split), item_loader=TokensLoader(block_size=1))[i]
+                        for split in ("train", "val")
+                        for i in range(len(StreamingDataset(str(tiny_data / "chunks" / split),
+                                                            item_loader=TokensLoader(block_size=1))))])
+    expected = []
+    for i in range(12):
+        text = (tiny_data / "corpus" / f"module_{i}.py").read_text()
+        expected.append([tokenizer.bos_id, *tokenizer.encode(text, bos=False), tokenizer.eos_id])
+    # each document is stored whole and in order; which split a file went to does not matter here
+    docs, current = [], []
+    for token in stream.tolist():
+        current.append(token)
+        if token == tokenizer.eos_id:
+            docs.append(current)
+            current = []
+    assert sorted(docs) == sorted(expected)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst", ".parquet"])
+def test_prepare_text_reads_each_format(tmp_path, tiny_data, suffix):
+    texts = [f"record number {i}: " + "lorem ipsum " * i for i in range(1, 6)]
+    path = tmp_path / f"corpus{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"content": texts}), path)
+    else:
+        lines = "".join(json.dumps({"content": t}) + "\n" for t in texts).encode()
+        if suffix.endswith(".zst"):
+            import zstandard
+            lines = zstandard.ZstdCompressor().compress(lines)
+        path.write_bytes(lines)
+    prepare_text.main(inputs=str(path), tokenizer_dir=tiny_data / "tokenizer", out_dir=tmp_path / "out",
+                      text_field="content", workers=1, val_fraction=0.0)
+    tokenizer = Tokenizer(tiny_data / "tokenizer")
+    assert prepare_text.count(tmp_path / "out" / "train") == (5, sum(len(tokenizer.encode(t, bos=False)) + 2
+                                                                      for t in texts))
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_data):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong field"}\n')
+    result = subprocess.run([sys.executable, "data_prep/prepare_text.py", "--inputs", str(tmp_path / "bad.jsonl"),
+                             "--tokenizer_dir", str(tiny_data / "tokenizer"), "--out_dir", str(tmp_path / "out"),
+                             "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'bad.jsonl'}:2" in result.stderr and "'text'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run(pretrain_cmd(tiny_data, out))
+    return out
+
+
+def test_pretrain_writes_metrics_checkpoints_and_a_final_model(straight_run):
+    rows = read_metrics(straight_run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 37))
+    assert {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [10, 20, 30, 36]
+    assert int(rows[-1]["tokens"]) == 36 * 8 * 32  # steps x global batch x block
+    assert sorted(p.name for p in straight_run.glob("step-*")) == [f"step-{s:08d}" for s in (10, 20, 30, 36)]
+    # weight decay on matmul weights only: never on the embedding, norms or biases
+    groups = torch.load(straight_run / "step-00000036" / "state" / "train_state.pt", weights_only=True)[
+        "optimizer"]["param_groups"]
+    decayed = {name for g in groups if g["weight_decay"] > 0 for name in g["params"]}
+    assert decayed and all(n.endswith(("proj.weight", "lm_head.weight")) for n in decayed), decayed
+    assert "embed.weight" in {name for g in groups if g["weight_decay"] == 0 for name in g["params"]}
+    model = load_model(straight_run / "final")  # the final directory is a checkpoint every script reads
+    assert model.config.vocab_size == VOCAB
+    assert (straight_run / "final" / "tokenizer.json").is_file()
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(tiny_data, straight_run, tmp_path):
+    run(pretrain_cmd(tiny_data, tmp_path / "run", "--initial_checkpoint_dir", str(straight_run / "final"), steps=2))
+    first = float(read_metrics(tmp_path / "run")[0]["train_loss"])
+    assert first < float(read_metrics(straight_run)[0]["train_loss"]) - 2.0  # far below a fresh model's ln(320)
+
+
+def test_loss_falls_on_a_tiny_repeated_set(tiny_data, tmp_path):
+    run(pretrain_cmd(tiny_data, tmp_path / "run", steps=40))  # past one epoch (27 steps)
+    losses = [float(r["train_loss"]) for r in read_metrics(tmp_path / "run")]
+    # ln(320) = 5.77 at init; 40 steps on 12 near-identical files must take well over a nat off
+    assert losses[0] > 5.0 and max(losses[-5:]) < losses[0] - 2.0
+
+
+def test_resume_is_exact(tiny_data, straight_run, tmp_path):
+    """Resumes from step 30, inside the second epoch (the train split holds 27 steps of samples)."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    shutil.rmtree(out / "step-00000036")
+    shutil.rmtree(out / "final")
+    result = run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
+    assert "resumed from" in result.stdout + result.stderr
+    assert losses(out) == losses(straight_run)  # bitwise on CPU: the same floats, printed the same
+
+
+def test_killed_run_resumes_to_the_same_numbers(tiny_data, straight_run, tmp_path):
+    """Killed after step 10, resumed across the epoch boundary at step 27."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(pretrain_cmd(tiny_data, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "step-00000010" / "state" / "train_state.pt").is_file():
+        assert time.time() < deadline and process.poll() is None, "the run never reached its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # a checkpoint that a kill interrupted mid-write keeps its temporary name and is never resumed from
+    (out / ".step-00000020.tmp-killed").mkdir(exist_ok=True)
+    run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
+    assert losses(out) == losses(straight_run)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, strategy):
+    """2 CPU processes (gloo) with micro-batch 4 against 1 process accumulating 2 micro-batches of 4: the same
+    global batch. Every sample is the same block, so the batches are equal whatever rank reads what, and the
+    losses must agree to float tolerance (a wrong gradient average or accumulation scale would not)."""
+    from litdata import TokensLoader, optimize
+    block = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).int()
+    optimize(fn=partial_identity(block), inputs=list(range(64)), output_dir=str(tmp_path / "same" / "train"),
+             chunk_bytes="1MB", item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
+    (tmp_path / "chunks").mkdir()
+    os.symlink(tmp_path / "same" / "train", tmp_path / "chunks" / "train")
+    base = pretrain_cmd(tmp_path, tmp_path / "one", steps=4)
+    common = ["--data.val_dir", "null", "--tokenizer_dir", "null"]
+    run(base + common)
+    two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in base]
+    run(two + common + ["--devices", "2", "--strategy", strategy, "--train.micro_batch_size", "4"])
+    one_losses = [float(x) for x in losses(tmp_path / "one")]
+    two_losses = [float(x) for x in losses(tmp_path / "two")]
+    assert two_losses == pytest.approx(one_losses, abs=1e-5)
+    assert one_losses[-1] < one_losses[0]
+
+
+class partial_identity:
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, _):
+        yield self.block
+
+
+def error_of(cmd) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
+def test_bad_input_is_one_line(tiny_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no input files" in error_of([sys.executable, "data_prep/prepare_text.py", "--inputs",
+                                         str(tmp_path / "empty"), "--tokenizer_dir", str(tiny_data / "tokenizer"),
+                                         "--out_dir", str(tmp_path / "out")])
+    missing = [a.replace(str(tiny_data / "chunks" / "train"), str(tmp_path / "nowhere"))
+               for a in pretrain_cmd(tiny_data, tmp_path / "o1")]
+    assert str(tmp_path / "nowhere") in error_of(missing)
+    (tmp_path / "bad.yaml").write_text("trian:\n  lr: 0.1\n")
+    assert "trian" in error_of(pretrain_cmd(tiny_data, tmp_path / "o2", "--config", str(tmp_path / "bad.yaml")))
+    too_long = pretrain_cmd(tiny_data, tmp_path / "o3", "--model.overrides",
+                            json.dumps(dict(vocab_size=VOCAB, block_size=100000)))
+    assert "block_size" in error_of(too_long)
+    small_vocab = pretrain_cmd(tiny_data, tmp_path / "o4", "--model.overrides", json.dumps(dict(vocab_size=100)))
+    assert "vocab_size" in error_of(small_vocab)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "config_hub").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_hub_yaml_parses(config):
+    result = subprocess.run([sys.executable, "pretrain.py", "--config", str(config), "--print_config"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["model"]["name"] == yaml.safe_load(config.read_text())["model"]["name"]
+
+
+def losses(out: Path) -> list[str]:
+    return [r["train_loss"] for r in read_metrics(out)]
+
+
+def test_prepare_slimpajama_and_starcoder_from_their_raw_formats(tmp_path, tiny_data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from data_prep import prepare_slimpajama, prepare_starcoder
+    rows = [dict(text=f"web text {i}", meta=dict(redpajama_set_name="RedPajamaCommonCrawl")) for i in range(5)]
+    rows.append(dict(text="def github(): pass", meta=dict(redpajama_set_name="RedPajamaGithub")))
+    for raw in ("train/chunk1", "validation/chunk1"):
+        (tmp_path / "slim" / raw).mkdir(parents=True)
+        lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        (tmp_path / "slim" / raw / "example_0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    prepare_slimpajama.main(input_dir=tmp_path / "slim", tokenizer_dir=tiny_data / "tokenizer",
+                            out_dir=tmp_path / "slim_out", workers=1)
+    assert prepare_text.count(tmp_path / "slim_out" / "train")[0] == 5  # the GitHub row is dropped
+    assert prepare_text.count(tmp_path / "slim_out" / "val")[0] == 5
+
+    for lang in ("python", "rust"):
+        (tmp_path / "star" / lang).mkdir(parents=True)
+        pq.write_table(pa.table({"content": [f"// {lang} file {i}" for i in range(3)], "id": [1, 2, 3]}),
+                       tmp_path / "star" / lang / "train-00000-of-00001.parquet")
+    prepare_starcoder.main(input_dir=tmp_path / "star", tokenizer_dir=tiny_data / "tokenizer",
+                           out_dir=tmp_path / "star_out", workers=1)
+    assert prepare_text.count(tmp_path / "star_out")[0] == 6
