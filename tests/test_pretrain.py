@@ -242,6 +242,16 @@ def test_bad_input_is_one_line(tiny_data, tmp_path):
     assert "vocab_size" in error_of(small_vocab)
 
 
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    # lr 1e30 (no warmup, no clipping): Adam moves every weight by ~1e30 at step 1, so step 2's loss is not finite
+    cmd = pretrain_cmd(tiny_data, tmp_path / "run", "--train.lr", "1e30", "--train.min_lr", "1e30",
+                       "--train.warmup_steps", "0", "--train.grad_clip", "null", "--checkpoint.interval", "1")
+    message = error_of(cmd)
+    assert "loss is" in message and "at step 2" in message
+    assert (tmp_path / "run" / "step-00000001" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "step-00000002").exists()
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "config_hub").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_hub_yaml_parses(config):
     result = subprocess.run([sys.executable, "pretrain.py", "--config", str(config), "--print_config"],
