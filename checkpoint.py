@@ -92,9 +92,11 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 
 def save_checkpoint(out_dir: str | Path, config: Config, state_dict: dict[str, torch.Tensor],
-                    tokenizer_dir: str | Path | None = None, metadata: dict | None = None) -> Path:
+                    tokenizer_dir: str | Path | None = None, metadata: dict | None = None,
+                    train_state: dict | None = None) -> Path:
     """Write a complete checkpoint directory atomically. metadata (e.g. the run's arguments) goes into the
-    safetensors header as strings, so a checkpoint describes itself."""
+    safetensors header as strings, so a checkpoint describes itself. train_state (optimizer, loader position,
+    RNG, counters: tensors and plain values only, so it loads with weights_only=True) goes to state/."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -102,6 +104,9 @@ def save_checkpoint(out_dir: str | Path, config: Config, state_dict: dict[str, t
         save_config(config, tmp / CONFIG)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        if train_state is not None:
+            (tmp / "state").mkdir()
+            torch.save(train_state, tmp / "state" / "train_state.pt")
     return out_dir
 
 

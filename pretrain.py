@@ -11,14 +11,12 @@ out_dir/step-XXXXXXXX/ checkpoints (weights + state/ to resume), out_dir/final/,
 
 import csv
 import math
-import os
 import shutil
 import sys
 from argparse import ArgumentError
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -29,8 +27,7 @@ from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_directory, copy_tokenizer_files, load_config, load_state_dict, \
-    save_config
+from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
 
@@ -384,16 +381,8 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, 
     optim_state = get_optimizer_state_dict(raw_model, optimizer, options=options) if with_state else None
     loader_state = train_loader.state_dict() if with_state else None
     if fabric.global_rank == 0:
-        from safetensors.torch import save_file
-        with atomic_directory(path) as tmp:
-            save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-            save_config(config, tmp / "model_config.yaml")
-            if tokenizer_dir is not None:
-                copy_tokenizer_files(tokenizer_dir, tmp)
-            if with_state:
-                (tmp / "state").mkdir()
-                torch.save(dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(),
-                                **state), tmp / "state" / "train_state.pt")
+        train_state = dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(), **state)
+        save_checkpoint(path, config, model_state, tokenizer_dir, train_state=train_state if with_state else None)
     fabric.barrier()
 
 

@@ -150,6 +150,22 @@ def test_continued_pretraining_starts_from_the_checkpoint(tiny_data, straight_ru
     assert first < float(read_metrics(straight_run)[0]["train_loss"]) - 2.0  # far below a fresh model's ln(320)
 
 
+def test_mixture_activation_checkpointing_and_max_time(tiny_data, straight_run, tmp_path):
+    train = str(tiny_data / "chunks" / "train")
+    # two weighted sources (here the same chunks twice: the mixture path, not its statistics, is under test)
+    mixture = pretrain_cmd(tiny_data, tmp_path / "mix", "--data.train_dirs", json.dumps([train, train]),
+                           "--data.weights", "[0.7, 0.3]", steps=3)
+    run(mixture)
+    assert len(read_metrics(tmp_path / "mix")) == 3
+    # recomputing activations in the backward pass changes memory, not numbers
+    run(pretrain_cmd(tiny_data, tmp_path / "ac", "--activation_checkpointing", "true", steps=36))
+    assert losses(tmp_path / "ac") == losses(straight_run)
+    # max_time: checkpoint and stop after the step that crosses it
+    run(pretrain_cmd(tiny_data, tmp_path / "timed", "--train.max_time", "0.000001"))
+    assert len(read_metrics(tmp_path / "timed")) == 1
+    assert (tmp_path / "timed" / "step-00000001" / "state" / "train_state.pt").is_file()
+
+
 def test_loss_falls_on_a_tiny_repeated_set(tiny_data, tmp_path):
     run(pretrain_cmd(tiny_data, tmp_path / "run", steps=40))  # past one epoch (27 steps)
     losses = [float(r["train_loss"]) for r in read_metrics(tmp_path / "run")]
