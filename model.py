@@ -105,12 +105,16 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_weights()
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size).
 
         Without input_pos: a full causal forward over positions 0..T-1.
-        With input_pos (T,): the absolute positions of these tokens; keys and values go to the KV cache
-        (see set_kv_cache), so prefill is input_pos = arange(T) and each decode step one position.
+        With input_pos (T,), increasing: the cache slots of these tokens; keys and values go to the KV cache
+        (see set_kv_cache), so prefill is input_pos = arange(T) and each decode step one slot.
+        pad (B,): how many left-padding tokens each row starts with, for batches of prompts of different
+        lengths. Row b's real tokens then take RoPE positions from 0 and never see its padding, so each row
+        computes what it would alone.
         """
         B, T = idx.shape
         if self.rope_cos.numel() == 0 or self.rope_cos.is_meta or self.rope_cos.device != idx.device:
@@ -124,16 +128,25 @@ class GPT(nn.Module):
             if self.layers[0].attn.kv_cache is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size) first")
             q_pos = input_pos
-            k_pos = torch.arange(self.layers[0].attn.kv_cache.k.shape[2], device=idx.device)
-        cos, sin = self.rope_cos[q_pos], self.rope_sin[q_pos]  # (T, rope_n_elem)
-        masks = attention_masks(self.config, q_pos, k_pos, cached=input_pos is not None)
+            # Slots past the newest position are empty: leave them out of attention altogether.
+            k_pos = torch.arange(int(input_pos[-1]) + 1, device=idx.device)
+        masks = attention_masks(self.config, q_pos, k_pos, explicit=pad is not None)
+        if pad is None:
+            cos, sin = self.rope_cos[q_pos], self.rope_sin[q_pos]  # (T, rope_n_elem)
+        else:
+            positions = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, r)
+            # A padding slot is hidden from every query but itself: a query row with no key at all would
+            # give NaN, and NaN values in the cache poison real rows even under a zero attention weight.
+            visible = (k_pos[None, :] >= pad[:, None])[:, None, None, :] | (q_pos[:, None] == k_pos[None, :])
+            masks = tuple(m if m is None else m & visible for m in masks)  # (B, 1, T, S)
 
         x = self.embed(idx)  # (B, T, n_embd)
         if self.config.scale_embeddings:
             # Gemma rounds the scale to the activation dtype before multiplying; so do we.
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, masks[block.attn.sliding_window is not None], input_pos)
+            x = block(x, cos, sin, masks[block.attn.sliding_window is not None], input_pos, len(k_pos))
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.final_softcap is not None:
@@ -191,9 +204,9 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(config, config.n_embd) if config.post_block_norms else None
         self.post_mlp_norm = make_norm(config, config.n_embd) if config.post_block_norms else None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len):
         h = self.attn_norm(x)
-        a = self.attn(h, cos, sin, mask, input_pos)
+        a = self.attn(h, cos, sin, mask, input_pos, kv_len)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         if self.config.parallel_residual:
@@ -223,7 +236,7 @@ class Attention(nn.Module):
         self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len):
         B, T, C = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(B, T, self.config.n_head, hd)
@@ -235,11 +248,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)  # (B, n_kv_head, max_seq_length, head_dim)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # the filled slots; empty ones would only be masked out
 
         if self.config.attn_softcap is None:
             # mask None means plain causal over equal-length q and k: SDPA's fastest path
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                               enable_gqa=self.config.n_kv_head != self.config.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scale, enable_gqa=self.config.n_kv_head != self.config.n_head)
         else:
             y = softcapped_attention(q, k, v, mask, self.scale, self.config.attn_softcap)
         y = y.transpose(1, 2).reshape(B, T, self.config.n_head * hd)
@@ -253,8 +267,10 @@ def softcapped_attention(q, k, v, mask, scale, cap):
     n_kv_head, S = k.shape[1], k.shape[2]
     q = q.view(B, n_kv_head, n_head // n_kv_head, T, hd)
     scores = softcap(q @ k.unsqueeze(2).transpose(-1, -2) * scale, cap)  # (B, n_kv_head, group, T, S)
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is None:  # causal; a single query (a decode step) sees every key
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    elif mask.dim() == 4:  # per-row mask (B, 1, T, S): broadcast over the query-head group too
+        mask = mask.unsqueeze(2)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return (probs @ v.unsqueeze(2)).view(B, n_head, T, hd)
@@ -264,13 +280,17 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, cached: bool):
+def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, explicit: bool):
     """Boolean (T, S) masks, True = may attend, for full and sliding-window layers: (full, sliding).
-    None stands for the plain causal mask, which SDPA builds itself."""
+    None stands for "every key up to the query's own position", which needs no mask tensor: SDPA's is_causal
+    when T == S (a full forward, or a prefill from slot 0), nothing at all when T == 1 (a decode step, whose
+    keys are exactly the filled slots). explicit: always build them (per-row padding is added to them)."""
+    T, S = len(q_pos), len(k_pos)
     delta = q_pos[:, None] - k_pos[None, :]  # how far back each key is from each query
-    full = delta >= 0 if cached else None
+    implicit = not explicit and (T == S or T == 1)
+    full = None if implicit else delta >= 0
     sliding = None
-    if config.sliding_window is not None:
+    if config.sliding_window is not None and not (implicit and S <= config.sliding_window):
         sliding = (delta >= 0) & (delta < config.sliding_window)
     return full, sliding
 
@@ -395,6 +415,180 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half1, half2 = rot[..., : rd // 2], rot[..., rd // 2:]
     rotated = rot * cos + torch.cat((-half2, half1), dim=-1) * sin
     return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, arXiv:2106.09685) with rsLoRA scaling (Kalajdzievski 2023, arXiv:2312.03732) and DoRA (Liu et
+# al. 2024, arXiv:2402.09353), as a module swap: add_lora replaces the targeted Linears by LoRALinear, which registers
+# the same `weight` and `bias` Parameters under the same names, so a base checkpoint loads unchanged and only `lora_*`
+# keys are new. merge_lora folds the update into the weight and swaps a plain nn.Linear back.
+
+# Short target name -> (the module that owns the projection, its attribute). MoE experts are MLPs, so gate/up/down
+# adapt every expert too; the router is never adapted. lm_head does not exist when the embeddings are tied.
+LORA_TARGETS = {"q": (Attention, "q_proj"), "k": (Attention, "k_proj"), "v": (Attention, "v_proj"),
+                "o": (Attention, "o_proj"), "gate": (MLP, "gate_proj"), "up": (MLP, "up_proj"),
+                "down": (MLP, "down_proj"), "lm_head": (GPT, "lm_head")}
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8  # rank of the update B @ A
+    alpha: float = 16.0  # the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora
+    dropout: float = 0.0  # dropout on the input of the LoRA branch only (the base sees x unchanged)
+    targets: tuple[str, ...] = ("q", "v")  # projections to adapt, from LORA_TARGETS
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (rsLoRA)
+    use_dora: bool = False  # DoRA: a learned magnitude per output row times the row-normalised W + scaling * B @ A
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}: "
+                             f"choose from {', '.join(LORA_TARGETS)}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * B(A(dropout(x))). DoRA: y = m * (W + scaling * B A) x / ||W + scaling * B A|| + bias,
+    the norm taken per output row and treated as a constant in the backward pass (DoRA section 4.3, as PEFT does).
+
+    The base is an nn.Linear or a quantised layer from quantize.py (anything with in_features, out_features, weight,
+    bias, forward and dequantize()). Its weight and bias Parameters are registered here under their own names, so the
+    state dict reads `q_proj.weight` as before the swap. A float base is then computed with F.linear and dropped. A
+    quantised base is kept as a plain attribute, not a submodule (that would rename its weight `q_proj.base.weight`),
+    and called for its output, because bitsandbytes keeps matmul state on the layer."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig):
+        super().__init__()
+        if type(base) is not nn.Linear and not hasattr(base, "dequantize"):
+            raise TypeError(f"LoRALinear wraps nn.Linear or a quantize.py layer, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.scaling, self.dropout, self.use_dora = config.scaling, config.dropout, config.use_dora
+        self.weight, self.bias = base.weight, base.bias
+        object.__setattr__(self, "base", None if type(base) is nn.Linear else base)  # bypass submodule registration
+        w = base.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32  # adapters of a quantised base train in fp32
+        # A as nn.Linear and PEFT initialise it (kaiming uniform, a=sqrt(5)); B = 0, so at init the layer is the base
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, device=w.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, device=w.device, dtype=dtype))
+        if config.use_dora:
+            # m = ||W|| per output row: the same computation the forward divides by, so m / norm is exactly 1 at init
+            self.lora_magnitude = nn.Parameter(torch.linalg.norm(self.base_weight().detach().to(dtype), dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base_forward(x)
+        A, B = self.lora_A, self.lora_B
+        h = x.to(A.dtype)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        lora = F.linear(F.linear(h, A), B) * self.scaling
+        if not self.use_dora:
+            return y + lora.to(y.dtype)
+        with torch.no_grad():  # "treating ||V + dV||_c as a constant, thereby detaching it from the gradient graph"
+            norm = torch.linalg.norm(self.base_weight().to(A.dtype) + self.scaling * (B @ A), dim=1)
+        g = self.lora_magnitude / norm  # (out_features,)
+        wx = y if self.bias is None else y - self.bias
+        # = g * (W x + lora) + bias, written as PEFT does so that g = 1, B = 0 adds exact zeros to y
+        return y + ((g - 1) * wx + g * lora).to(y.dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base.weight is not self.weight or self.base.bias is not self.bias:
+            raise RuntimeError("LoRALinear: the weight or bias was replaced after add_lora (load_state_dict with "
+                               "assign=True?); load the base weights first, then quantize, then add_lora")
+        return self.base(x)
+
+    def base_weight(self) -> torch.Tensor:
+        """W (out_features, in_features) as floats: a quantised base dequantises it."""
+        return self.weight if self.base is None else self.base.dequantize()
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing what this layer computes (up to rounding), built in at least float32."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        w = self.base_weight().to(dtype) + self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+        if self.use_dora:
+            w = (self.lora_magnitude.to(dtype) / torch.linalg.norm(w, dim=1))[:, None] * w
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.to(self.weight.dtype if self.base is None else self.lora_A.dtype),
+                                     requires_grad=self.weight.requires_grad)
+        linear.bias = self.bias
+        return linear
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        super().train(mode)
+        if self.base is not None:  # not a submodule, so nn.Module.train does not reach it
+            self.base.train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        base = "" if self.base is None else f", base={type(self.base).__name__}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.lora_A.shape[0]}, "
+                f"scaling={self.scaling:g}, dora={self.use_dora}{base}")
+
+
+def add_lora(model: GPT, lora: LoRAConfig) -> None:
+    """Swap the targeted Linears for LoRALinear in place; afterwards only lora_* parameters are trainable."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA layers")
+    if "lm_head" in lora.targets and model.lm_head is None:
+        # An error, not a skip: a silently skipped target would train something other than what was asked for.
+        raise ValueError("LoRA target 'lm_head': this model ties its output head to the embedding (tie_embeddings), "
+                         "so there is no lm_head to adapt; remove 'lm_head' from targets")
+    for target in lora.targets:
+        owner_type, attr = LORA_TARGETS[target]
+        owners = [m for m in model.modules() if isinstance(m, owner_type) and getattr(m, attr, None) is not None]
+        if not owners:
+            raise ValueError(f"LoRA target {target!r}: this model has no {attr} (Config.mlp={model.config.mlp!r})")
+        for owner in owners:
+            setattr(owner, attr, LoRALinear(getattr(owner, attr), lora))
+    mark_only_lora_trainable(model)
+
+
+def is_lora_key(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_key(name))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRALinear into its weight and put a plain nn.Linear back: the state dict is the base's again."""
+    for owner in list(model.modules()):
+        for name, child in list(owner.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(owner, name, child.merged())
+
+
+def lora_summary(model: nn.Module) -> str:
+    """Trainable and total parameters; a quantised weight counts the in * out values it stands for, not its bytes."""
+    trainable = total = 0
+    seen = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if name == "weight" and hasattr(module, "in_features"):  # a 4-bit weight packs two values per byte
+                n = module.in_features * module.out_features
+            total += n
+            trainable += n if p.requires_grad else 0
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
 
 
 # Presets: real shapes of the released checkpoints (their config.json), as plain data.

@@ -9,19 +9,16 @@ Every flag overrides the YAML (`--train.lr 1e-3`); `--print_config` shows the re
 out_dir/step-XXXXXXXX/ checkpoints (weights + state/ to resume), out_dir/final/, and out_dir/metrics.csv.
 """
 
-import csv
 import math
-import shutil
 import sys
-from argparse import ArgumentError
 import time
+from argparse import ArgumentError
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
@@ -30,6 +27,12 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
+from training import (MetricsCSV, device_peak_flops, find_resume_dir, flops_per_token_of, gather_full_state,
+                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
+                      prune_checkpoints)
+
+
+METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
 
 
 @dataclass
@@ -165,7 +168,8 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     model = fabric.setup_module(model)
     raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
     # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
-    optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train, fabric.device))
+    optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train.lr, train.weight_decay, train.betas,
+                                                       fabric.device))
     forward = torch.compile(model) if compile else model
 
     state = dict(step=0, tokens=0, train_time=0.0)
@@ -174,9 +178,9 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
         load_training_state(fabric, resume_dir, raw_model, optimizer, train_loader, state)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
-    flops_per_token = flops_per_token_of(raw_model, config)
+    flops_per_token = flops_per_token_of(raw_model, config, config.block_size)
     peak = peak_flops or device_peak_flops(fabric.device, fabric._precision)
-    metrics = MetricsCSV(out_dir / "metrics.csv", fabric.global_rank == 0, truncate_after_step=state["step"])
+    metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
     fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt, out_dir,
         tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
 
@@ -193,7 +197,7 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
     for step in range(state["step"] + 1, max_steps + 1):
         last_step = step == max_steps
-        lr = lr_at(step, train, max_steps)
+        lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_start = time.perf_counter()
@@ -266,22 +270,6 @@ def validate(fabric, forward, val_loader, max_batches: int) -> float:
     return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
 
 
-def lr_at(step: int, train: TrainArgs, max_steps: int) -> float:
-    """Linear warmup from 0, then cosine from lr down to min_lr at max_steps."""
-    if step <= train.warmup_steps:
-        return train.lr * step / max(train.warmup_steps, 1)
-    progress = (step - train.warmup_steps) / max(max_steps - train.warmup_steps, 1)
-    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(model: nn.Module, train: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
-    # No weight decay on norms, biases and embeddings: the 1-D parameters and the embedding table
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed.")]
-    groups = [dict(params=decay, weight_decay=train.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda")
-
-
 def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, seed: int):
     for d in data.train_dirs + ([data.val_dir] if data.val_dir else []):
         if not (Path(d) / "index.json").is_file():
@@ -310,76 +298,10 @@ def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, 
     return train_loader, val_loader
 
 
-def make_strategy(name: str, devices: int | str, num_nodes: int):
-    if name == "fsdp":
-        from lightning.fabric.strategies import ModelParallelStrategy
-        # pure data parallelism over every device (Lightning's "auto" would make the devices of a node a TP group)
-        per_node = devices if isinstance(devices, int) else max(torch.cuda.device_count(), 1)
-        return ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=per_node * num_nodes,
-                                     tensor_parallel_size=1, save_distributed_checkpoint=False)
-    if name in ("auto", "ddp"):
-        return name
-    raise CheckpointError(f"--strategy {name!r}: expected auto, ddp or fsdp")
-
-
-def shard_blocks(model: GPT, device_mesh) -> GPT:
-    """FSDP2: every Block its own shard group, then the rest (embedding, final norm, head) at the root."""
-    from torch.distributed.fsdp import fully_shard
-    mesh = device_mesh["data_parallel"]
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def make_loggers(name: str, out_dir: Path):
-    if name == "csv":
-        return []  # metrics.csv is always written by MetricsCSV
-    if name == "tensorboard":
-        from lightning.fabric.loggers import TensorBoardLogger
-        return [TensorBoardLogger(root_dir=out_dir, name="tensorboard")]
-    if name == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-        return [WandbLogger(save_dir=out_dir, project="gptkit")]
-    raise CheckpointError(f"--logger {name!r}: expected csv, tensorboard or wandb")
-
-
-class MetricsCSV:
-    """out_dir/metrics.csv, one row per step. On resume the rows after the resumed step (written by the run
-    that was killed) are dropped, so the file reads like one uninterrupted run."""
-
-    COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
-
-    def __init__(self, path: Path, enabled: bool, truncate_after_step: int):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if path.is_file() and truncate_after_step > 0:
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= truncate_after_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def log(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.COLUMNS).writerow({k: "" if v is None else v for k, v in row.items()})
-
-
 def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, state, config, tokenizer_dir,
                         with_state: bool) -> None:
-    """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume.
-    Under FSDP2 the shards are gathered to full tensors on rank 0, so the format does not depend on the
-    world size and a run can resume on a different number of devices."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(raw_model, options=options)
-    optim_state = get_optimizer_state_dict(raw_model, optimizer, options=options) if with_state else None
+    """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
+    model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
     loader_state = train_loader.state_dict() if with_state else None
     if fabric.global_rank == 0:
         train_state = dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(), **state)
@@ -388,64 +310,11 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, 
 
 
 def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
-    saved = torch.load(path / "state" / "train_state.pt", weights_only=True)  # our own format: no code runs
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(raw_model, load_state_dict(path / "model.safetensors"), options=options)
-    set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"], options=options)
+    saved = load_train_state(path)
+    load_full_state(raw_model, optimizer, load_state_dict(path / "model.safetensors"), saved["optimizer"])
     train_loader.load_state_dict(saved["train_loader"])
     torch.set_rng_state(saved["rng"])
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
-
-
-def find_resume_dir(out_dir: Path, resume: str | None) -> Path | None:
-    """--resume auto: the newest complete step checkpoint (a half-written one still has its temporary name,
-    so it is never picked); --resume PATH: that one."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        if not (Path(resume) / "state" / "train_state.pt").is_file():
-            raise CheckpointError(f"--resume {resume}: not a step checkpoint (state/train_state.pt missing)")
-        return Path(resume)
-    steps = sorted(p for p in out_dir.glob("step-*") if (p / "state" / "train_state.pt").is_file())
-    return steps[-1] if steps else None
-
-
-def prune_checkpoints(fabric, out_dir: Path, keep_last: int) -> None:
-    if fabric.global_rank == 0:
-        for old in sorted(out_dir.glob("step-*"))[:-keep_last]:
-            shutil.rmtree(old)
-
-
-def flops_per_token_of(model: GPT, config: Config) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
-    12 * n_layer * n_embd * T. The input embedding is a lookup, not a matmul, unless tied to the head."""
-    params = sum(p.numel() for p in model.parameters())
-    if not config.tie_embeddings:
-        params -= config.vocab_size * config.n_embd
-    return 6 * params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-def device_peak_flops(device: torch.device, precision) -> float | None:
-    """The device's peak FLOP/s in the training precision: a table for GPUs, a measured matmul on CPU."""
-    low_precision = "bf16" in str(getattr(precision, "precision", "")) or "16" in type(precision).__name__
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-        peak = next((v for k, v in table.items() if k in name), None)
-        return peak if peak is None or low_precision else peak / 16  # tf32-less fp32 runs at about 1/16
-    if device.type == "cpu":
-        # The practical peak: the best of a few 2048^3 matmuls (BENCH.md's reference measurement)
-        a = torch.randn(2048, 2048, dtype=torch.bfloat16 if low_precision else torch.float32)
-        a @ a  # warm up
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - start)
-        return 2 * 2048**3 / best
-    return None
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ chat template). Token ids equal `transformers.AutoTokenizer` on the same files (
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -65,23 +68,69 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render messages with the model's own template, as transformers' apply_chat_template(tokenize=False)."""
+        return self.render_chat(messages, add_generation_prompt, **kwargs)[0]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool,
+                    **kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered chat and the character spans of its {% generation %} blocks (the assistant's text, from
+        which transformers' apply_chat_template(return_assistant_tokens_mask=True) builds its mask)."""
         if self.chat_template is None:
             raise CheckpointError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+        # transformers passes its special_tokens_map; templates read these four
         context = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                        pad_token=self.pad_token or "", unk_token=self.unk_token or "", tools=None, documents=None)
-        return compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **{**context, **kwargs})
+        return render_with_spans(compile_template(self.chat_template), messages=messages,
+                                 add_generation_prompt=add_generation_prompt, **{**context, **kwargs})
 
 
+@lru_cache(maxsize=8)  # SFT data renders every conversation with the same template: compile it once
 def compile_template(source: str) -> jinja2.Template:
     # The environment transformers renders chat templates in: sandboxed, trimmed blocks, loop controls,
-    # tojson without ASCII escaping, and the two helpers templates call.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    # {% generation %} blocks, tojson without ASCII escaping, and the two helpers templates call.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTracker, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+class GenerationTracker(Extension):
+    """{% generation %}...{% endgeneration %} marks the text the assistant writes. The block renders its body
+    unchanged; while render_with_spans renders, each block's character span is recorded. Same facts as
+    transformers' AssistantTracker (utils/chat_template_utils.py), written afresh."""
+    tags = {"generation"}
+
+    def __init__(self, environment: jinja2.Environment):
+        super().__init__(environment)
+        self.rendered = None  # the output yielded so far while render_with_spans tracks, else None
+        self.spans = []
+
+    def parse(self, parser) -> nodes.CallBlock:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_block"), [], [], body).set_lineno(lineno)
+
+    def _block(self, caller) -> str:
+        text = caller()
+        if self.rendered is not None:
+            # The block starts where the output yielded so far ends, as in transformers. A block inside a macro or
+            # a {% set %} capture would be misplaced by this; chat templates put it straight in the message loop.
+            start = sum(map(len, self.rendered))
+            self.spans.append((start, start + len(text)))
+        return text
+
+
+def render_with_spans(template: jinja2.Template, **context) -> tuple[str, list[tuple[int, int]]]:
+    tracker = next(e for e in template.environment.extensions.values() if isinstance(e, GenerationTracker))
+    tracker.rendered, tracker.spans = [], []
+    try:
+        for piece in template.generate(**context):  # generate, not render: the tracker sees the output so far
+            tracker.rendered.append(piece)
+        return "".join(tracker.rendered), tracker.spans
+    finally:
+        tracker.rendered = None
 
 
 def raise_template_error(message: str):

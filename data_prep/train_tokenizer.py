@@ -32,7 +32,6 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
         vocab_size: size of the vocabulary, special tokens included.
         pattern: glob that files inside directories must match (e.g. "*.py").
         exclude: folder names to skip inside directories (e.g. site-packages test).
-        exclude: folder names to skip inside directories (e.g. site-packages test).
         text_field: the JSONL field that holds the text.
         max_files: use at most this many files (quick experiments).
     """

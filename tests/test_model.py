@@ -81,7 +81,7 @@ def test_init_is_documented_scheme():
 def test_sliding_window_mask_against_a_loop():
     config = Config.from_name("tiny-test", sliding_window=3)
     T = 7
-    _, sliding = attention_masks(config, torch.arange(T), torch.arange(T), cached=False)
+    _, sliding = attention_masks(config, torch.arange(T), torch.arange(T), explicit=False)
     for q in range(T):
         for k in range(T):
             assert sliding[q, k].item() == (k <= q and q - k < 3)
@@ -111,3 +111,25 @@ def test_meta_built_model_gets_real_rope_tables():
     model.to_empty(device="cpu")
     model.init_weights()
     assert torch.isfinite(model(torch.randint(0, 256, (1, 4)))).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(sliding_window=3, sliding_window_period=2, attn_softcap=20.0)])
+def test_left_padded_rows_compute_what_each_row_computes_alone(overrides):
+    """A batch of prompts of different lengths, left-padded with `pad`: each row's logits equal the row alone,
+    in a full forward, in a cached prefill and in the decode step after it (SDPA and the eager softcap path)."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-test", **overrides)).eval()
+    long, short = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 5))
+    pad = torch.tensor([0, 4])
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)])
+    nxt = torch.randint(0, 256, (2, 1))
+    with torch.no_grad():
+        alone = [model(torch.cat([long, nxt[:1]], 1))[0], model(torch.cat([short, nxt[1:]], 1))[0]]
+        full = model(batch, pad=pad)
+        model.set_kv_cache(batch_size=2, max_seq_length=16)
+        prefill = model(batch, input_pos=torch.arange(9), pad=pad)
+        decode = model(nxt, input_pos=torch.tensor([9]), pad=pad)
+    for out in (full, prefill):
+        torch.testing.assert_close(out[0], alone[0][:-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1, 4:], alone[1][:-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode[:, 0], torch.stack([alone[0][-1], alone[1][-1]]), atol=1e-5, rtol=1e-5)

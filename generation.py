@@ -1,0 +1,103 @@
+"""Sampling with the KV cache: the loop generate.py, evaluate.py (generate_until) and the finetuning scripts'
+sample prints share. Prompts of different lengths are left-padded into one batch and each row is told its
+padding, so a batched row produces the same tokens as the prompt alone (tests/test_generate.py).
+"""
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from model import GPT
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, vocab_size) of the next token -> token ids (B,). temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top_k largest and outside the smallest set whose probability
+    reaches top_p (nucleus). The most likely token always survives, so a row is never empty."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float = 1.0, stop_ids: list[int] = (),
+                    generator: torch.Generator | None = None, pad_id: int = 0,
+                    max_seq_length: int | None = None, cached_prefix: int = 0) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), once per step, until every row has produced a stop id or
+    max_new_tokens. Rows that have stopped keep yielding their stop id, which callers drop.
+
+    Slot t of the KV cache holds the t-th token of the left-padded batch. cached_prefix > 0 (one prompt,
+    a cache of max_seq_length slots already set): the cache holds that many leading prompt tokens from an
+    earlier call, so only the rest is prefilled (chat turns extend the same conversation)."""
+    device = model.embed.weight.device
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt: generation needs at least one token to condition on")
+    T = max(lengths)
+    max_seq_length = max_seq_length or min(T + max_new_tokens, model.config.block_size)
+    if T >= max_seq_length:
+        raise ValueError(f"the prompt has {T} tokens, which leaves no room to generate within the model's "
+                         f"block_size of {model.config.block_size} tokens")
+    max_new_tokens = min(max_new_tokens, max_seq_length - T)
+    pad = torch.tensor([T - n for n in lengths], device=device)
+    idx = torch.tensor([[pad_id] * (T - n) + p for n, p in zip(lengths, prompts)], device=device)  # (B, T)
+    cache = model.layers[0].attn.kv_cache
+    if cached_prefix and (len(prompts) != 1 or cache is None or cache.k.shape[2] != max_seq_length):
+        raise ValueError("cached_prefix needs one prompt and the KV cache of an earlier call of the same size")
+    if not cached_prefix:
+        model.set_kv_cache(len(prompts), max_seq_length)
+    stops = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    # Without padding the plain masks apply (no per-row mask: SDPA's cheaper path).
+    row_pad = pad if bool(pad.any()) else None
+
+    cached_prefix = min(cached_prefix, T - 1)  # the last prompt token is always fed: its logits are needed
+    logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad)[:, -1]
+    for t in range(T, T + max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, stops[0] if len(stops) else token, token)
+        done |= torch.isin(token, stops)
+        yield token
+        if bool(done.all()) or t + 1 == T + max_new_tokens:
+            break
+        logits = model(token[:, None], input_pos=torch.tensor([t], device=device), pad=row_pad)[:, -1]
+
+
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: list[int] = (),
+             on_token: Callable[[int, int], bool] | None = None, **sampling) -> list[list[int]]:
+    """The new tokens of each prompt, without the stop id that ended it.
+
+    on_token(row, token) is called for each new token; returning True stops that row (stop strings)."""
+    outputs = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for tokens in generate_tokens(model, prompts, max_new_tokens, stop_ids=stop_ids, **sampling):
+        for row, token in enumerate(tokens.tolist()):
+            if finished[row]:
+                continue
+            if token in stop_ids:
+                finished[row] = True
+                continue
+            outputs[row].append(token)
+            if on_token is not None and on_token(row, token):
+                finished[row] = True
+        if all(finished):
+            break
+    return outputs

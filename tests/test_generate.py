@@ -1,0 +1,215 @@
+"""generation.py and generate.py: sampling filters, batched = one at a time, cache = no cache, stop handling,
+chat, bad input; on the real SmolLM2-135M-Instruct, greedy chat equals transformers' generate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import load_model, save_checkpoint
+from conftest import ROOT
+from convert import from_hf
+from data_prep import train_tokenizer
+from generation import filter_top_k_top_p, generate, sample
+from model import GPT, Config
+from tokenizer import Tokenizer
+
+PROMPTS = ["def f(x):", "return x *", "def function_3_7(x):\n    return", "x"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A trained toy tokenizer and two random models that share it: a plain Llama-like one and one with
+    sliding-window layers and softcaps (the eager attention path)."""
+    root = tmp_path_factory.mktemp("gen")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n" for i in range(20) for j in range(20)))
+    train_tokenizer.main(inputs=str(corpus), out_dir=root / "tokenizer", vocab_size=320)
+    dirs = {}
+    for name, overrides in {"plain": {}, "windowed": dict(sliding_window=4, sliding_window_period=2,
+                                                          attn_softcap=20.0, final_softcap=15.0)}.items():
+        config = Config.from_name("tiny-test", vocab_size=320, block_size=64, **overrides)
+        torch.manual_seed(0)
+        model = GPT(config)
+        with torch.no_grad():  # large weights: peaked logits, so greedy choices are not near-ties
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+        dirs[name] = save_checkpoint(root / name, config, model.state_dict(), tokenizer_dir=root / "tokenizer")
+    return dirs
+
+
+def run_cli(*args, input=None, check=True):
+    result = subprocess.run([sys.executable, "generate.py", *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT, input=input, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.randn(3, 50)
+    kept = filter_top_k_top_p(logits, top_k=5, top_p=1.0).isfinite()
+    assert kept.sum(dim=-1).tolist() == [5, 5, 5]
+    assert torch.equal(kept.nonzero()[:, 1].view(3, 5).sort().values, logits.topk(5).indices.sort().values)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30) * 2
+    kept = filter_top_k_top_p(logits, top_k=None, top_p=top_p).isfinite()
+    probs = torch.softmax(logits.double(), dim=-1)
+    for row in range(4):  # independent construction: add tokens by decreasing probability until the mass reaches p
+        expected, mass = set(), 0.0
+        for i in probs[row].argsort(descending=True).tolist():
+            expected.add(i)
+            mass += probs[row, i].item()
+            if mass >= top_p:
+                break
+        assert set(kept[row].nonzero().flatten().tolist()) == expected
+
+
+def test_sampling_is_greedy_at_zero_temperature_and_repeatable_with_a_seed():
+    logits = torch.randn(8, 100)
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+    draw = lambda seed: sample(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(3), draw(3))
+    assert any(not torch.equal(draw(3), draw(s)) for s in range(4, 10))
+    # a sampled token is always one the filters kept
+    assert filter_top_k_top_p(logits, 20, 0.9).gather(1, draw(5)[:, None]).isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["plain", "windowed"])
+def test_batched_and_cached_generation_equal_one_prompt_at_a_time_without_cache(tiny_dirs, name):
+    model = load_model(tiny_dirs[name]).eval()
+    tok = Tokenizer(tiny_dirs[name])
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is padded
+    batched = generate(model, prompts, 12, temperature=0)
+    for prompt, out in zip(prompts, batched):
+        assert generate(model, [prompt], 12, temperature=0) == [out]
+        # reference: the full forward over the growing sequence, no cache, argmax each step
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert out == ids[len(prompt):]
+
+
+def test_generation_stops_at_any_stop_id(tiny_dirs):
+    model = load_model(tiny_dirs["plain"]).eval()
+    prompt = Tokenizer(tiny_dirs["plain"]).encode(PROMPTS[0])
+    free = generate(model, [prompt], 10, temperature=0)[0]
+    assert len(set(free[:4])) == 4, "the test needs four distinct first tokens"
+    # the second stop id ends it; the stop token itself is not part of the output
+    assert generate(model, [prompt], 10, temperature=0, stop_ids=[free[5], free[3]])[0] == free[:3]
+    # rows stop independently: the other rows run to their own end
+    other = Tokenizer(tiny_dirs["plain"]).encode(PROMPTS[2])
+    both = generate(model, [prompt, other], 10, temperature=0, stop_ids=[free[3]])
+    assert both[0] == free[:3]
+    assert both[1] == generate(model, [other], 10, temperature=0, stop_ids=[free[3]])[0]
+
+
+def test_cli_prompts_file_samples_and_stop_strings(tiny_dirs, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    common = ["--checkpoint_dir", tiny_dirs["plain"], "--max_new_tokens", 16]
+    out = run_cli(*common, "--prompts_file", prompts, "--num_samples", 2, "--temperature", 1.0, "--seed", 7).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(p, s) for p in PROMPTS[:2] for s in range(2)]
+    again = [json.loads(line) for line in run_cli(*common, "--prompts_file", prompts, "--num_samples", 2,
+                                                  "--temperature", 1.0, "--seed", 7).stdout.splitlines()]
+    assert again == rows  # the seed makes sampling repeatable
+    greedy = run_cli(*common, "--prompt", PROMPTS[0], "--temperature", 0).stdout
+    completion = greedy[len(PROMPTS[0]):].rstrip("\n")
+    assert greedy.startswith(PROMPTS[0]) and len(completion) > 6
+    stop = completion[3:6]
+    cut = run_cli(*common, "--prompt", PROMPTS[0], "--temperature", 0, "--stop", json.dumps([stop])).stdout
+    assert cut.rstrip("\n") == PROMPTS[0] + completion[:completion.find(stop)]
+
+
+def test_plain_chat_for_a_model_without_template_keeps_the_conversation(tiny_dirs):
+    result = run_cli("--checkpoint_dir", tiny_dirs["plain"], "--chat", "true", "--temperature", 0,
+                     "--max_new_tokens", 8, input="def f(x):\n/reset\ndef f(x):\n/exit\nnever read\n")
+    assert "plain 'User: / Assistant:'" in result.stderr
+    # /reset forgets the first exchange: the same question gets the same answer, twice, and /exit ends it
+    half = len(result.stdout) // 2
+    assert half > 1 and result.stdout[:half] == result.stdout[half:]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint_dir", "/nonexistent"], "model_config.yaml: not found"),
+    (["--precision", "bf16-mixed"], "--precision 'bf16-mixed': expected one of"),
+    (["--quantize", "bnb.nf3"], "--quantize 'bnb.nf3': expected one of"),
+    (["--prompt", "def f(x): return x " * 30], "leaves no room to generate within the model's block_size of 64"),
+    (["--prompts_file", "/nonexistent.txt"], "--prompts_file /nonexistent.txt: not found"),
+])
+def test_bad_input_is_one_line(tiny_dirs, args, message):
+    if "--checkpoint_dir" not in args:
+        args = ["--checkpoint_dir", tiny_dirs["plain"], *args]
+    result = run_cli(*args, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_chat_equals_transformers(smollm2_hf_dir, tmp_path):
+    """The issue's reference check: greedy chat over 32 new tokens equals transformers' generate token for
+    token, in a two-turn conversation (the second turn reuses the KV cache of the first)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours_dir = from_hf.convert(smollm2_hf_dir, out_dir=tmp_path / "smollm2")
+    turns = ["What is the capital of France?", "And of Germany?"]
+    result = run_cli("--checkpoint_dir", ours_dir, "--chat", "true", "--temperature", 0, "--max_new_tokens", 32,
+                     input="\n".join(turns) + "\n")
+    replies = result.stdout.splitlines()
+    assert len(replies) == 2 and "Paris" in replies[0] and "Berlin" in replies[1], result.stdout
+
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    messages = []
+    for turn, reply in zip(turns, replies):
+        messages.append({"role": "user", "content": turn})
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+        expected = hf_model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        if expected[-1] in Tokenizer(ours_dir).stop_ids:
+            expected = expected[:-1]
+        ours = Tokenizer(ours_dir).encode(reply, bos=False, eos=False)
+        assert ours == expected, (hf_tok.decode(expected), reply)
+        messages.append({"role": "assistant", "content": reply})
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_in_bfloat16_answers(smollm2_hf_dir, tmp_path):
+    # LitGPT's chat degenerates on this model in bf16 while its generate answers: check ours in bf16 too.
+    ours_dir = from_hf.convert(smollm2_hf_dir, out_dir=tmp_path / "smollm2")
+    result = run_cli("--checkpoint_dir", ours_dir, "--chat", "true", "--temperature", 0, "--max_new_tokens", 32,
+                     "--precision", "bf16-true", input="What is the capital of France?\nAnd of Germany?\n")
+    replies = result.stdout.splitlines()
+    assert len(replies) == 2 and "Paris" in replies[0] and "Berlin" in replies[1], result.stdout
+
+
+@pytest.mark.parametrize("mode,bound", [("bnb.nf4", 0.1), ("bnb.int8", 0.02)])
+def test_quantized_generation_stays_close_to_float(tiny_dirs, mode, bound):
+    """Weight-only quantisation moves a weight by under 10 % of its block's absmax for nf4 (16 levels) and
+    well under 1 % for int8; through a model with the usual init (not the fixture's chaotic large weights) the
+    logits move by a similar relative amount."""
+    from quantize import quantize_model
+
+    config = load_model(tiny_dirs["plain"]).config
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    torch.manual_seed(0)  # the same weights again, then quantised
+    quantized = quantize_model(GPT(config), mode).eval()
+    idx = torch.tensor([Tokenizer(tiny_dirs["plain"]).encode(PROMPTS[2])])
+    with torch.no_grad():
+        exact, approx = model(idx), quantized(idx)
+    error = ((approx - exact).norm() / exact.norm()).item()
+    assert 0 < error < bound
+    result = run_cli("--checkpoint_dir", tiny_dirs["plain"], "--prompt", PROMPTS[2], "--temperature", 0,
+                     "--max_new_tokens", 8, "--quantize", mode)
+    assert result.stdout.startswith(PROMPTS[2]) and mode in result.stderr
