@@ -91,7 +91,10 @@ def main(
     model, tokenizer_dir = load(checkpoint_dir, lora_dir, device, dtype, quantize)
     tokenizer = Tokenizer(tokenizer_dir)
     if compile:
-        model = torch.compile(model, dynamic=True)
+        # The blocks, not the whole forward: it reads the cache length as a Python int (a graph break), and the
+        # blocks see a growing number of cached keys, hence dynamic shapes.
+        for block in model.layers:
+            block.compile(dynamic=True)
     generator = torch.Generator(device).manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 

@@ -213,3 +213,9 @@ def test_quantized_generation_stays_close_to_float(tiny_dirs, mode, bound):
     result = run_cli("--checkpoint_dir", tiny_dirs["plain"], "--prompt", PROMPTS[2], "--temperature", 0,
                      "--max_new_tokens", 8, "--quantize", mode)
     assert result.stdout.startswith(PROMPTS[2]) and mode in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_blocks_generate_the_same_tokens(tiny_dirs):
+    args = ["--checkpoint_dir", tiny_dirs["plain"], "--prompt", PROMPTS[2], "--temperature", 0, "--max_new_tokens", 12]
+    assert run_cli(*args, "--compile", "true").stdout == run_cli(*args).stdout
