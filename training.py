@@ -176,10 +176,22 @@ def weights_dtype(precision: str) -> torch.dtype:
 def gather_trainable_state(raw_model: nn.Module, optimizer, with_optimizer: bool) -> tuple[dict, dict | None]:
     """gather_full_state for the parameters that train (a LoRA adapter): the frozen base is neither gathered nor
     copied, so under FSDP a checkpoint costs the adapter's size, not the model's."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    for module in raw_model.modules():
+        if isinstance(module, FSDPModule):
+            # FSDP2 keeps the root's parameters unsharded after a forward with no backward (validation, sampling):
+            # register the sharded ones again, which the optimizer holds (get_model_state_dict's hooks do this)
+            module.reshard()
+    # From named_parameters, not get_model_state_dict: that walks every state dict key as an attribute path, and
+    # bitsandbytes' int8 layers write keys that are not attributes (SCB, weight_format)
+    model_state = {}
+    for name, p in raw_model.named_parameters():
+        if p.requires_grad:  # in the same order on every rank: full_tensor() is a collective
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            model_state[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_state = get_model_state_dict(raw_model, options=options)
     optim_state = get_optimizer_state_dict(raw_model, optimizer, options=options) if with_optimizer else None
     return model_state, optim_state
 

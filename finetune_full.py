@@ -1,0 +1,337 @@
+"""Finetune every weight of a checkpoint on instruction or chat data (JSON/JSONL: Alpaca, chat messages, ShareGPT).
+
+    python finetune_full.py --config config_hub/finetune_full.yaml --precision 32-true --fast_dev_run true  # 1 CPU
+    python finetune_full.py --config config_hub/finetune_full.yaml                                    # 1 GPU
+    python finetune_full.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
+        --data.train_files data/sft/train.jsonl --train.epochs 3 --precision bf16-true                 # 1 GPU
+    python finetune_full.py --config config_hub/finetune_full.yaml --devices 8 --strategy fsdp        # 8 GPUs, FSDP2
+    srun python finetune_full.py --config config_hub/finetune_full.yaml --devices 8 --num_nodes 2 --strategy fsdp \\
+        --resume auto                                  # SLURM: as the srun line of config_hub/slurm/pretrain.sbatch
+
+Every flag overrides the YAML (`--train.lr 1e-5`); `--print_config` shows the result. A run writes
+out_dir/step-XXXXXXXX/ checkpoints (weights + state/ to resume with --resume auto), out_dir/final/ (a checkpoint
+directory that generate.py reads) and out_dir/metrics.csv, whose `sample` column holds what the model answered to
+--eval.prompt at each validation.
+"""
+
+import json
+import math
+import sys
+import time
+from argparse import ArgumentError
+from collections import deque
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse import CLI
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_config, load_model, load_state_dict, save_checkpoint
+from generation import generate
+from model import Block
+from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
+from tokenizer import Tokenizer
+from training import (MetricsCSV, StepSampler, find_resume_dir, gather_full_state, load_full_state, load_train_state,
+                      lr_at, make_loggers, make_optimizer, make_strategy, prune_checkpoints, weights_dtype)
+
+
+METRICS = ["step", "epoch", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "sample"]
+
+
+@dataclass
+class DataArgs:
+    train_files: str | list[str] = field(default_factory=list)  # JSON or JSONL: Alpaca, chat or ShareGPT records
+    val_files: str | list[str] | None = None  # held-out records; when None, val_split of the train records
+    val_split: float = 0.05  # fraction of the train records held out for validation (0: none) unless val_files
+    prompt_style: str = "auto"  # chat_template, alpaca, or auto: the chat template when the tokenizer has one
+    mask_prompt: bool = True  # learn only the assistant's text (and its end-of-turn token), not the prompt
+    max_seq_length: int | None = None  # longer examples are cut (and dropped if no target is left); None: block_size
+
+
+@dataclass
+class TrainArgs:
+    global_batch_size: int = 16  # examples per optimizer step, all ranks together
+    micro_batch_size: int = 4  # examples per forward pass on one rank
+    epochs: int | None = 3  # passes over the training examples...
+    max_steps: int | None = None  # ...or optimizer steps (the lower wins)
+    lr: float = 2e-5
+    min_lr: float = 2e-6  # cosine decays to this
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    seed: int = 1337
+
+
+@dataclass
+class EvalArgs:
+    interval: int = 50  # validate and sample every this many steps (and at the end)
+    max_batches: int | None = None  # micro-batches of the val set per rank and validation; None: all of it
+    prompt: str = "Give three tips for staying healthy."  # sampled greedily at each validation, in the run's style
+    max_new_tokens: int = 48
+
+
+@dataclass
+class CheckpointArgs:
+    interval: int = 100  # save out_dir/step-XXXXXXXX every this many steps
+    keep_last: int = 2  # how many step checkpoints to keep
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    checkpoint: CheckpointArgs = CheckpointArgs(),
+    out_dir: Path = Path("out/finetune/full"),
+    resume: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
+    logger: str = "csv",
+    fast_dev_run: bool = False,
+) -> None:
+    """Finetune all weights of a checkpoint on SFT data.
+
+    Args:
+        checkpoint_dir: the model to start from (model.safetensors, model_config.yaml, tokenizer files).
+        data: the SFT files, prompt style and sequence length.
+        train: batch sizes, stopping, optimizer and schedule.
+        eval: validation interval and size, and the prompt sampled at each validation.
+        checkpoint: checkpoint interval and retention.
+        out_dir: where checkpoints, metrics.csv and final/ go.
+        resume: "auto" (the newest complete step checkpoint in out_dir, if any) or a step directory.
+        devices: devices per node.
+        num_nodes: nodes (SLURM sets the rest).
+        precision: 32-true, bf16-mixed, bf16-true or 16-mixed.
+        strategy: auto (one device), ddp, or fsdp (FSDP2, fully_shard per Block).
+        activation_checkpointing: recompute each Block in the backward pass to save memory.
+        logger: csv (always written), plus tensorboard or wandb when named.
+        fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
+    """
+    if fast_dev_run:
+        train.epochs, train.max_steps = None, 4
+        eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
+    # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
+    run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+                      strategy=make_strategy(strategy, devices, num_nodes), loggers=make_loggers(logger, out_dir))
+    fabric.launch()
+    main(fabric, checkpoint_dir=Path(checkpoint_dir), data=data, train=train, eval=eval, ckpt=checkpoint,
+         out_dir=Path(out_dir), resume=resume, precision=precision, activation_checkpointing=activation_checkpointing,
+         run_args=run_args)
+
+
+def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, precision, activation_checkpointing,
+         run_args):
+    config = load_config(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    world = fabric.world_size
+    if train.global_batch_size % (train.micro_batch_size * world):
+        raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                              f"micro_batch_size x world size = {train.micro_batch_size * world}")
+    accum_steps = train.global_batch_size // (train.micro_batch_size * world)
+    train_set, val_set = load_data(fabric, data, tokenizer, config.block_size, train.seed)
+    if len(train_set) < train.global_batch_size:
+        raise CheckpointError(f"{len(train_set)} training examples, fewer than one --train.global_batch_size "
+                              f"({train.global_batch_size})")
+    sampler = StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size, fabric.global_rank, world,
+                          train.seed)
+    limits = [s for s in (train.epochs and train.epochs * sampler.steps_per_epoch, train.max_steps) if s]
+    if not limits:  # the cosine schedule needs an end
+        raise CheckpointError("set --train.epochs or --train.max_steps")
+    max_steps = min(limits)
+    prompt_ids = encode_prompt(eval.prompt, tokenizer, data.prompt_style)
+    if len(prompt_ids) + eval.max_new_tokens > config.block_size:
+        raise CheckpointError(f"--eval.prompt is {len(prompt_ids)} tokens: with --eval.max_new_tokens "
+                              f"{eval.max_new_tokens} that exceeds block_size {config.block_size}")
+
+    fabric.seed_everything(train.seed)
+    # On the CPU first: the strategy moves (or shards) it to the devices in setup_module
+    model = load_model(checkpoint_dir, dtype=weights_dtype(precision))
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    fabric.print(f"{config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, all trained; "
+                 f"{world} rank(s), {accum_steps} micro-batch(es) of {train.micro_batch_size} per rank and step, "
+                 f"{max_steps} steps ({sampler.steps_per_epoch} per epoch)")
+    model = fabric.setup_module(model)
+    raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
+    # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
+    optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train.lr, train.weight_decay, train.betas,
+                                                       fabric.device))
+
+    state = dict(step=0, tokens=0, train_time=0.0)
+    resume_dir = find_resume_dir(out_dir, resume)
+    if resume_dir is not None:
+        load_training_state(fabric, resume_dir, raw_model, optimizer, sampler, state)
+        fabric.print(f"resumed from {resume_dir} at step {state['step']}")
+
+    metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
+    fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, config, train, eval,
+        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args)
+
+    save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, sampler, state, config, checkpoint_dir,
+                        run_args, with_state=False)
+    fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    if fabric.device.type == "cuda":
+        fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
+
+
+def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, config, train, eval,
+        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args):
+    progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="finetune",
+                    dynamic_ncols=True)
+    recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    for step in range(state["step"] + 1, max_steps + 1):
+        last_step = step == max_steps
+        lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_start = time.perf_counter()
+        examples = [[train_set[i] for i in ids] for ids in sampler.next_step()]
+        train_loss = step_loss(fabric, model, [collate(e, train_set.pad_id) for e in examples])
+        if not math.isfinite(train_loss):
+            raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
+                                  "kept (try a lower --train.lr or --train.grad_clip)")
+        if train.grad_clip:
+            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # input tokens of the step on all ranks, padding excluded
+        step_tokens = int(fabric.all_reduce(torch.tensor(sum(len(x["input_ids"]) for e in examples for x in e),
+                                                         device=fabric.device), reduce_op="sum").item())
+        step_time = time.perf_counter() - step_start
+        state["step"] = step
+        state["tokens"] += step_tokens
+        state["train_time"] += step_time
+        recent.append((step_tokens, step_time))
+        # tokens over the elapsed training time of the last steps
+        tokens_per_sec = sum(t for t, _ in recent) / sum(s for _, s in recent)
+        row = dict(step=step, epoch=round(sampler.epochs_done, 4), tokens=state["tokens"], train_loss=train_loss,
+                   val_loss=None, lr=lr, tokens_per_sec=tokens_per_sec, sample=None)
+        if step % eval.interval == 0 or last_step:
+            if len(val_set):
+                row["val_loss"] = validate(fabric, model, val_set, train.micro_batch_size, eval.max_batches)
+            row["sample"] = generate_sample(fabric, raw_model, tokenizer, prompt_ids, eval.max_new_tokens)
+            if fabric.global_rank == 0:
+                tqdm.write(f"step {step}: {eval.prompt!r} -> {row['sample']!r}")
+        progress.update(1)
+        progress.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if row["val_loss"] else {}),
+                             tok_s=f"{tokens_per_sec:,.0f}")
+        metrics.log(row)
+        fabric.log_dict({k: v for k, v in row.items() if v is not None and k != "sample"}, step=step)
+
+        if step % ckpt.interval == 0 or last_step:
+            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, sampler, state, config,
+                                checkpoint_dir, run_args, with_state=True)
+            prune_checkpoints(fabric, out_dir, ckpt.keep_last)
+    progress.close()
+
+
+def step_loss(fabric, model, micro_batches: list[dict]) -> float:
+    """Forward and backward over this rank's micro-batches of one optimizer step, leaving the step's gradient in
+    .grad. Returns the step's loss per target token over all ranks."""
+    n_targets = fabric.all_reduce(torch.tensor(sum(count_targets(b) for b in micro_batches), device=fabric.device),
+                                  reduce_op="sum").item()
+    loss_sum = torch.zeros((), device=fabric.device)
+    for i, batch in enumerate(micro_batches):
+        x, y = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+            logits = model(x)  # (B, T, vocab_size)
+            # Examples differ in length and in how much of them is prompt, so a mean per micro-batch divided by the
+            # number of micro-batches would weigh each target by 1 / (targets in its micro-batch). Instead: the sum
+            # over this micro-batch's targets divided by the targets of the whole step (every micro-batch of every
+            # rank, all-reduced above), so every target weighs the same, as in one big batch. x world size because
+            # DDP and FSDP average the gradients of the ranks, and the step's loss is their sum.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") * fabric.world_size / n_targets
+            fabric.backward(loss)
+        loss_sum += loss.detach()
+    return fabric.all_reduce(loss_sum, reduce_op="mean").item()
+
+
+@torch.no_grad()
+def validate(fabric, model, val_set, micro_batch_size: int, max_batches: int | None) -> float:
+    """The loss per target token of the val set (or of its first max_batches micro-batches per rank), all ranks."""
+    model.eval()
+    chunks = [list(range(i, min(i + micro_batch_size, len(val_set)))) for i in range(0, len(val_set), micro_batch_size)]
+    # The same number of forward passes on every rank: under FSDP each one is a collective that all ranks must join
+    n_batches = min(-(-len(chunks) // fabric.world_size), max_batches or len(chunks))
+    sums = torch.zeros(2, device=fabric.device)  # (loss summed over targets, targets)
+    for ids in (chunks[fabric.global_rank::fabric.world_size] + [[]] * n_batches)[:n_batches]:
+        batch = collate([val_set[i] for i in ids or [0]], val_set.pad_id)
+        if not ids:  # this rank has run out of val examples: a batch whose targets are all masked keeps it in step
+            batch["labels"].fill_(IGNORE_INDEX)
+        logits = model(batch["input_ids"].to(fabric.device))
+        y = batch["labels"].to(fabric.device)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        sums += torch.stack([loss, (y != IGNORE_INDEX).sum().float()])
+    model.train()
+    sums = fabric.all_reduce(sums, reduce_op="sum")
+    return (sums[0] / sums[1]).item()
+
+
+def generate_sample(fabric, raw_model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """The model's greedy answer to the eval prompt. Every rank generates: under FSDP each forward is a collective."""
+    raw_model.eval()
+    with fabric.autocast():
+        ids = generate(raw_model, [prompt_ids], max_new_tokens, stop_ids=tokenizer.stop_ids, temperature=0.0)[0]
+    raw_model.clear_kv_cache()  # training runs without a cache
+    raw_model.train()
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_data(fabric, data: DataArgs, tokenizer: Tokenizer, block_size: int, seed: int):
+    if not data.train_files:
+        raise CheckpointError("--data.train_files: name the JSON or JSONL files to train on")
+    max_seq_length = data.max_seq_length or block_size
+    if max_seq_length > block_size:
+        raise CheckpointError(f"--data.max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
+    train_set, val_set, stats = load_sft_data(
+        data.train_files, tokenizer, prompt_style=data.prompt_style, mask_prompt=data.mask_prompt,
+        max_seq_length=max_seq_length, val_split=0.0 if data.val_files else data.val_split, val_paths=data.val_files,
+        seed=seed)
+    fabric.print(f"{stats['train']:,} train and {stats['val']:,} val examples, prompt style "
+                 f"{resolve_style(tokenizer, data.prompt_style)}; {stats['train_targets']:,} of the "
+                 f"{stats['train_tokens']:,} train tokens are targets; {stats['truncated']:,} example(s) truncated to "
+                 f"{max_seq_length} tokens, {stats['dropped']:,} dropped (no target left after truncation)")
+    return train_set, val_set
+
+
+def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state, config, checkpoint_dir, run_args,
+                        with_state: bool) -> None:
+    """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
+    model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
+    if fabric.global_rank == 0:
+        train_state = dict(optimizer=optim_state, sampler=sampler.state_dict(), rng=torch.get_rng_state(),
+                           cuda_rng=torch.cuda.get_rng_state(fabric.device) if fabric.device.type == "cuda" else None,
+                           **state)
+        metadata = dict(script=Path(__file__).name, step=state["step"], args=json.dumps(run_args, default=str))
+        save_checkpoint(path, config, model_state, checkpoint_dir, metadata=metadata,
+                        train_state=train_state if with_state else None)
+    fabric.barrier()
+
+
+def load_training_state(fabric, path: Path, raw_model, optimizer, sampler, state) -> None:
+    saved = load_train_state(path)
+    load_full_state(raw_model, optimizer, load_state_dict(path / "model.safetensors"), saved["optimizer"])
+    sampler.load_state_dict(saved["sampler"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None and fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], fabric.device)
+    state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    try:
+        CLI(setup, exit_on_error=False)
+    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
