@@ -27,9 +27,9 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
-from training import (MetricsCSV, device_peak_flops, find_resume_dir, flops_per_token_of, gather_full_state,
-                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
-                      prune_checkpoints)
+from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir, flops_per_token_of,
+                      gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
+                      make_strategy, prune_checkpoints)
 
 
 METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
@@ -129,6 +129,8 @@ def setup(
     main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=out_dir,
          tokenizer_dir=tokenizer_dir, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
          activation_checkpointing=activation_checkpointing, compile=compile, peak_flops=peak_flops)
+    for logger in fabric.loggers:  # W&B writes its summary, TensorBoard flushes
+        logger.finalize("success")
 
 
 def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, initial_checkpoint_dir, resume,
@@ -181,9 +183,10 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     flops_per_token = flops_per_token_of(raw_model, config, config.block_size)
     peak = peak_flops or device_peak_flops(fabric.device, fabric._precision)
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
-    fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt, out_dir,
-        tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
-
+    finished = fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt,
+                   out_dir, tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
+    if not finished:
+        return
     save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, train_loader, state, config, tokenizer_dir,
                         with_state=False)
     fabric.print(f"final checkpoint: {out_dir / 'final'}")
@@ -195,6 +198,7 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="pretrain",
                     dynamic_ncols=True)
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    stop_signal = StopSignal(fabric)
     for step in range(state["step"] + 1, max_steps + 1):
         last_step = step == max_steps
         lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
@@ -240,14 +244,22 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
         fabric.log_dict({k: v for k, v in row.items() if v is not None}, step=step)
 
         out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
-        if step % ckpt.interval == 0 or last_step or out_of_time:
+        stop = stop_signal.requested()
+        if step % ckpt.interval == 0 or last_step or out_of_time or stop:
             save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, train_loader, state,
                                 config, tokenizer_dir, with_state=True)
             prune_checkpoints(fabric, out_dir, ckpt.keep_last)
         if out_of_time:
             fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
             break
+        if stop:
+            progress.close()
+            fabric.print(f"SIGUSR1: stopped after step {step}, checkpoint {out_dir / f'step-{step:08d}'}; "
+                         "continue with --resume auto")
+            stop_signal.requeue()
+            return False
     progress.close()
+    return True
 
 
 def batches_forever(loader):

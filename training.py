@@ -5,7 +5,10 @@ Each training loop itself stays in its script, where it can be read and edited.
 
 import csv
 import math
+import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -66,6 +69,33 @@ def make_loggers(name: str, out_dir: Path, project: str = "gptkit"):
         from lightning.pytorch.loggers import WandbLogger
         return [WandbLogger(save_dir=out_dir, project=project)]
     raise CheckpointError(f"--logger {name!r}: expected csv, tensorboard or wandb")
+
+
+class StopSignal:
+    """SIGUSR1 asks the run to stop cleanly: SLURM sends it ahead of the time limit (`#SBATCH
+    --signal=SIGUSR1@120` in config_hub/slurm/pretrain.sbatch), where its default action would kill the job with
+    nothing saved. The handler only sets a flag; the loop checks it between optimizer steps, writes a checkpoint
+    there and, inside a SLURM job, requeues the job so that `--resume auto` continues it."""
+
+    def __init__(self, fabric):
+        self.fabric, self.received = fabric, False
+        signal.signal(signal.SIGUSR1, self._receive)
+
+    def _receive(self, signum, frame) -> None:
+        self.received = True
+
+    def requested(self) -> bool:
+        # each rank gets the signal at its own moment: all stop after the same step once any rank has it
+        return self.fabric.strategy.reduce_boolean_decision(self.received, all=False)
+
+    def requeue(self) -> None:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
+        if job is None or self.fabric.global_rank != 0:
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        self.fabric.print(f"requeued SLURM job {job}" if result.returncode == 0
+                          else f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
 
 
 class MetricsCSV:

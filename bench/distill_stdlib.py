@@ -4,6 +4,7 @@ held-out loss (and the teacher's) on the same validation batches.
 
     python bench/distill_stdlib.py                    # reuses out/pretrain/stdlib/final, else pretrains it (~5 min)
     python bench/distill_stdlib.py --steps 60         # shorter runs, the same comparison
+    python bench/distill_stdlib.py --seeds [1,2,3]    # one pair of students per seed
     python bench/distill_stdlib.py --smollm2 true     # SmolLM2-135M-Instruct teaches a small student: the KD loss falls
 
 Both students start from the same initialisation (same preset, same seed) and read the same batches; only the loss
@@ -15,7 +16,6 @@ import json
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,8 @@ SMOLLM2_STUDENT = dict(n_layer=4, n_embd=192, n_head=4, n_kv_head=2, head_dim=48
 
 
 def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final"), out_dir: Path = Path("out/bench"),
-         alpha: float = 0.5, temperature: float = 1.0, val_batches: int = 16, smollm2: bool = False) -> None:
+         alpha: float = 0.5, temperature: float = 1.0, val_batches: int = 16, seeds: list[int] = [1337],
+         smollm2: bool = False) -> None:
     """Run the comparison.
 
     Args:
@@ -41,6 +42,9 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
         alpha: the distilled student's CE weight (its KD weight is 1 - alpha).
         temperature: the distilled student's temperature.
         val_batches: validation micro-batches of 8 x 256 tokens, the same for every model.
+        seeds: one CE-only and one distilled student per seed (initialisation and batch order); a run whose
+            out_dir/distill-{ce,kd}-seedN already holds its last step is read back, not rerun, so seeds can be
+            run in separate processes and then summarised together.
         smollm2: instead, distil checkpoints/SmolLM2-135M-Instruct into a small student and report its KD loss.
     """
     if smollm2:
@@ -52,22 +56,30 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
     common = ["--config", "config_hub/distill_stdlib.yaml", "--teacher_dir", str(teacher_dir), "--train.max_steps",
               str(steps), "--eval.interval", str(steps), "--eval.max_batches", str(val_batches),
               "--checkpoint.interval", str(steps)]
-    results = {}
-    for name, kd in (("CE only (alpha 1)", ["--kd.alpha", "1"]),
-                     (f"distilled (alpha {alpha}, T {temperature})",
-                      ["--kd.alpha", str(alpha), "--kd.temperature", str(temperature)])):
-        run_dir = out_dir / ("distill-ce" if "CE" in name else "distill-kd")
-        start = time.perf_counter()
-        run([sys.executable, "distill.py", *common, *kd, "--out_dir", str(run_dir)])
-        last = read_metrics(run_dir)[-1]
-        results[name] = (float(last["val_loss"]), time.perf_counter() - start, last.get("kd_loss"))
+    runs = {"CE only (alpha 1)": ("ce", ["--kd.alpha", "1"]),
+            f"distilled (alpha {alpha}, T {temperature})": ("kd", ["--kd.alpha", str(alpha), "--kd.temperature",
+                                                                  str(temperature)])}
+    results = {name: [] for name in runs}
+    for seed in seeds:
+        for name, (tag, kd) in runs.items():
+            run_dir = out_dir / f"distill-{tag}-seed{seed}"
+            if not finished(run_dir, steps):
+                run([sys.executable, "distill.py", *common, *kd, "--train.seed", str(seed), "--out_dir", str(run_dir)])
+            results[name].append(float(read_metrics(run_dir)[-1]["val_loss"]))
     teacher_loss = val_loss(teacher_dir, val_batches)
 
     print(f"\nstdlib, {steps} steps x 16 x 256 tokens per student; val loss over {val_batches} x 8 x 256 tokens")
-    print(f"{'model':<34} {'val loss':>9} {'wall':>8}")
-    print(f"{'teacher ' + str(teacher_dir):<34} {teacher_loss:>9.4f}")
-    for name, (loss, seconds, _) in results.items():
-        print(f"{'student, ' + name:<34} {loss:>9.4f} {seconds / 60:>7.1f}m")
+    print(f"{'model':<40} {'mean':>7}  per seed ({', '.join(map(str, seeds))})")
+    print(f"{'teacher ' + str(teacher_dir):<40} {teacher_loss:>7.4f}")
+    for name, losses in results.items():
+        print(f"{'student, ' + name:<40} {sum(losses) / len(losses):>7.4f}  {', '.join(f'{x:.4f}' for x in losses)}")
+    gaps = [ce - kd for ce, kd in zip(*results.values())]
+    print(f"CE-only minus distilled, per seed: {', '.join(f'{g:+.4f}' for g in gaps)}")
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    return (ROOT / run_dir / "metrics.csv").is_file() and int(read_metrics(run_dir)[-1]["step"]) == steps \
+        and read_metrics(run_dir)[-1]["val_loss"] != ""
 
 
 def smollm2_kd(steps: int, run_dir: Path, alpha: float, temperature: float) -> None:

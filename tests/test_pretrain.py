@@ -202,12 +202,68 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_data, straight_run, tmp_pat
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_sigusr1_checkpoints_requeues_and_resumes(tiny_data, straight_run, tmp_path):
+    """SLURM's warning before the time limit (SIGUSR1, as config_hub/slurm/pretrain.sbatch asks for): the run
+    checkpoints after the step it is in, requeues the job through scontrol and exits cleanly; --resume auto then
+    finishes it with the uninterrupted run's numbers."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    out = tmp_path / "run"
+    with open(tmp_path / "log.txt", "w") as log:
+        process = subprocess.Popen(pretrain_cmd(tiny_data, out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env)
+        deadline = time.time() + 300
+        while not (out / "step-00000010" / "state" / "train_state.pt").is_file():
+            assert time.time() < deadline and process.poll() is None, "the run never reached its first checkpoint"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR1)
+        assert process.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    stopped_at = int(read_metrics(out)[-1]["step"])
+    assert 10 <= stopped_at < 36, "the run finished before the signal: nothing was tested"
+    assert f"stopped after step {stopped_at}" in (tmp_path / "log.txt").read_text()
+    assert (out / f"step-{stopped_at:08d}" / "state" / "train_state.pt").is_file()
+    assert not (out / "final").exists()
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
+    assert losses(out) == losses(straight_run)
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_tensorboard_and_wandb_receive_the_metrics(tiny_data, tmp_path, logger):
+    out = tmp_path / "run"
+    run(pretrain_cmd(tiny_data, out, "--logger", logger, steps=3),
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true"))
+    if logger == "tensorboard":
+        expected = [float(r["train_loss"]) for r in read_metrics(out)]
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        (events,) = (out / "tensorboard").rglob("events.out.tfevents.*")
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        logged = accumulator.Scalars("train_loss")
+        assert [e.step for e in logged] == [1, 2, 3]
+        assert [e.value for e in logged] == pytest.approx(expected, rel=1e-6)
+        assert {"val_loss", "lr", "tokens_per_sec"} <= set(accumulator.Tags()["scalars"])
+    else:
+        # wandb keeps an offline run in its own binary log (read back only by its Go core): the metrics are in it as
+        # JSON values, each written exactly as metrics.csv holds it
+        (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+        data = log.read_bytes()
+        assert b"train_loss" in data and b"tokens_per_sec" in data
+        for row in read_metrics(out):
+            assert row["train_loss"].encode() in data, row
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, strategy):
+@pytest.mark.parametrize("launch", ["ddp", "fsdp", "slurm"])
+def test_two_processes_match_one(tmp_path, launch):
     """2 CPU processes (gloo) with micro-batch 4 against 1 process accumulating 2 micro-batches of 4: the same
     global batch. Every sample is the same block, so the batches are equal whatever rank reads what, and the
-    losses must agree to float tolerance (a wrong gradient average or accumulation scale would not)."""
+    losses must agree to float tolerance (a wrong gradient average or accumulation scale would not).
+    "slurm" starts the two processes itself with the environment srun gives a 2-node job of one task per node,
+    as config_hub/slurm/pretrain.sbatch runs it: Fabric must find world size, ranks and the main node there."""
     from litdata import TokensLoader, optimize
     block = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).int()
     optimize(fn=partial_identity(block), inputs=list(range(64)), output_dir=str(tmp_path / "same" / "train"),
@@ -217,12 +273,32 @@ def test_two_processes_match_one(tmp_path, strategy):
     base = pretrain_cmd(tmp_path, tmp_path / "one", steps=4)
     common = ["--data.val_dir", "null", "--tokenizer_dir", "null"]
     run(base + common)
-    two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in base]
-    run(two + common + ["--devices", "2", "--strategy", strategy, "--train.micro_batch_size", "4"])
+    two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in base] + common
+    if launch == "slurm":
+        env = dict(os.environ, SLURM_JOB_ID="4242", SLURM_JOB_NAME="pretrain", SLURM_NTASKS="2",
+                   SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_NODELIST="localhost,localhost",
+                   MASTER_PORT=str(free_port()))
+        ranks = [subprocess.Popen(two + ["--devices", env["SLURM_NTASKS_PER_NODE"], "--num_nodes", env["SLURM_NNODES"],
+                                         "--strategy", "ddp"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=dict(env, SLURM_PROCID=str(r), SLURM_NODEID=str(r), SLURM_LOCALID="0"))
+                 for r in range(2)]
+        outputs = [r.communicate(timeout=300)[0] for r in ranks]
+        assert [r.returncode for r in ranks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+        assert "2 rank(s)" in outputs[0]
+    else:
+        run(two + ["--devices", "2", "--strategy", launch, "--train.micro_batch_size", "4"])
     one_losses = [float(x) for x in losses(tmp_path / "one")]
     two_losses = [float(x) for x in losses(tmp_path / "two")]
     assert two_losses == pytest.approx(one_losses, abs=1e-5)
     assert one_losses[-1] < one_losses[0]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class partial_identity:
