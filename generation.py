@@ -70,7 +70,8 @@ def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *
     row_pad = pad if bool(pad.any()) else None
 
     cached_prefix = min(cached_prefix, T - 1)  # the last prompt token is always fed: its logits are needed
-    logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad)[:, -1]
+    logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad,
+                   last_only=True)[:, -1]
     for t in range(T, T + max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, stops[0] if len(stops) else token, token)

@@ -99,6 +99,7 @@ def test_forward_shapes_and_errors():
     model = GPT(Config.from_name("tiny-test"))
     idx = torch.randint(0, 256, (3, 5))
     assert model(idx).shape == (3, 5, 256)
+    torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(RuntimeError, match="set_kv_cache"):
