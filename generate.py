@@ -22,7 +22,7 @@ import torch
 from jsonargparse import CLI
 
 from checkpoint import CheckpointError, load_model
-from generation import generate, generate_tokens
+from generation import generate, generate_tokens, use_decode_layout
 from tokenizer import Tokenizer
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -89,6 +89,7 @@ def main(
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
     model, tokenizer_dir = load(checkpoint_dir, lora_dir, device, dtype, quantize)
+    use_decode_layout(model)
     tokenizer = Tokenizer(tokenizer_dir)
     if compile:
         # The blocks, not the whole forward: it reads the cache length as a Python int (a graph break), and the

@@ -6,6 +6,7 @@ padding, so a batched row produces the same tokens as the prompt alone (tests/te
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn as nn
 
 from model import GPT
 
@@ -34,6 +35,25 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) ->
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def use_decode_layout(model: GPT) -> GPT:
+    """On the CPU, store each float32 weight matrix that multiplies activations column-major: the transposed matrix
+    contiguous, viewed back at its own shape, so values, shapes and state-dict keys stay as they were. A decode step
+    multiplies one row per sequence by every matrix, and the CPU BLAS reads W^T contiguous faster for that: the
+    32000 x 512 head times one row takes 7.3 ms against 11.1 ms row-major (2 threads, this 2-core machine; no
+    difference on cache-sized matrices). Matmuls over a whole prompt lose a little (about 5%), so use it for
+    generation, not for scoring or training."""
+    if model.embed.weight.device.type != "cpu":
+        return model
+    matrices = [m.weight for m in model.modules() if type(m) is nn.Linear]
+    if model.lm_head is None:  # a tied head multiplies by the embedding table
+        matrices.append(model.embed.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            if weight.dtype == torch.float32:
+                weight.data = weight.data.t().contiguous().t()
+    return model
 
 
 @torch.inference_mode()

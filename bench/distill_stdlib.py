@@ -31,7 +31,7 @@ SMOLLM2_STUDENT = dict(n_layer=4, n_embd=192, n_head=4, n_kv_head=2, head_dim=48
 
 
 def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final"), out_dir: Path = Path("out/bench"),
-         alpha: float = 0.5, temperature: float = 1.0, val_batches: int = 16, seeds: list[int] = [1337],
+         alpha: float = 0.5, temperature: float = 1.0, val_batches: int | None = None, seeds: list[int] = [1337],
          smollm2: bool = False) -> None:
     """Run the comparison.
 
@@ -41,7 +41,8 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
         out_dir: the students' runs go to out_dir/distill-ce and out_dir/distill-kd.
         alpha: the distilled student's CE weight (its KD weight is 1 - alpha).
         temperature: the distilled student's temperature.
-        val_batches: validation micro-batches of 8 x 256 tokens, the same for every model.
+        val_batches: validation micro-batches of 8 x 256 tokens, the same for every model; None: the whole val
+            split (38 micro-batches, 16 files: fewer files make the comparison a matter of which files they are).
         seeds: one CE-only and one distilled student per seed (initialisation and batch order); a run whose
             out_dir/distill-{ce,kd}-seedN already holds its last step is read back, not rerun, so seeds can be
             run in separate processes and then summarised together.
@@ -54,7 +55,7 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
     if not (ROOT / teacher_dir / "model.safetensors").is_file():
         run([sys.executable, "pretrain.py", "--config", "config_hub/stdlib.yaml", "--out_dir", str(teacher_dir.parent)])
     common = ["--config", "config_hub/distill_stdlib.yaml", "--teacher_dir", str(teacher_dir), "--train.max_steps",
-              str(steps), "--eval.interval", str(steps), "--eval.max_batches", str(val_batches),
+              str(steps), "--eval.interval", str(steps), "--eval.max_batches", str(val_batches or 1000),
               "--checkpoint.interval", str(steps)]
     runs = {"CE only (alpha 1)": ("ce", ["--kd.alpha", "1"]),
             f"distilled (alpha {alpha}, T {temperature})": ("kd", ["--kd.alpha", str(alpha), "--kd.temperature",
@@ -65,10 +66,11 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
             run_dir = out_dir / f"distill-{tag}-seed{seed}"
             if not finished(run_dir, steps):
                 run([sys.executable, "distill.py", *common, *kd, "--train.seed", str(seed), "--out_dir", str(run_dir)])
-            results[name].append(float(read_metrics(run_dir)[-1]["val_loss"]))
+            results[name].append(val_loss(run_dir / "final", val_batches))  # as the teacher's, whatever the run used
     teacher_loss = val_loss(teacher_dir, val_batches)
 
-    print(f"\nstdlib, {steps} steps x 16 x 256 tokens per student; val loss over {val_batches} x 8 x 256 tokens")
+    print(f"\nstdlib, {steps} steps x 16 x 256 tokens per student; val loss over "
+          f"{f'{val_batches} x 8 x 256 tokens' if val_batches else 'the whole val split'}")
     print(f"{'model':<40} {'mean':>7}  per seed ({', '.join(map(str, seeds))})")
     print(f"{'teacher ' + str(teacher_dir):<40} {teacher_loss:>7.4f}")
     for name, losses in results.items():
@@ -78,8 +80,8 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    return (ROOT / run_dir / "metrics.csv").is_file() and int(read_metrics(run_dir)[-1]["step"]) == steps \
-        and read_metrics(run_dir)[-1]["val_loss"] != ""
+    return (ROOT / run_dir / "final" / "model.safetensors").is_file() and \
+        int(read_metrics(run_dir)[-1]["step"]) == steps
 
 
 def smollm2_kd(steps: int, run_dir: Path, alpha: float, temperature: float) -> None:
@@ -110,8 +112,9 @@ def smollm2_kd(steps: int, run_dir: Path, alpha: float, temperature: float) -> N
     print(f"val loss {float(rows[-1]['val_loss']):.3f}, val KD {float(rows[-1]['val_kd']):.3f}")
 
 
-def val_loss(checkpoint_dir: Path, batches: int) -> float:
-    """A checkpoint's loss over the first `batches` micro-batches of 8 of data/stdlib/val, as distill.py validates."""
+def val_loss(checkpoint_dir: Path, batches: int | None) -> float:
+    """A checkpoint's loss over the first `batches` micro-batches of 8 of data/stdlib/val (None: all of them), as
+    distill.py validates."""
     from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
     from checkpoint import load_model
@@ -121,7 +124,7 @@ def val_loss(checkpoint_dir: Path, batches: int) -> float:
     losses = []
     with torch.no_grad():
         for i, batch in enumerate(StreamingDataLoader(val, batch_size=8, num_workers=0, drop_last=True)):
-            if i >= batches:
+            if batches is not None and i >= batches:
                 break
             x, y = batch[:, :-1].long(), batch[:, 1:].long()
             losses.append(torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum"))

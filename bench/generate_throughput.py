@@ -90,9 +90,9 @@ def measure(impl: str, ours_dir: Path, hf_dir: Path, batch: int, prompt_len: int
     if impl == "ours":
         sys.path.insert(0, str(ROOT))
         from checkpoint import load_model
-        from generation import generate_tokens
+        from generation import generate_tokens, use_decode_layout
 
-        model = load_model(ours_dir, device=device, dtype=dtype).eval()
+        model = use_decode_layout(load_model(ours_dir, device=device, dtype=dtype).eval())  # as generate.py does
 
         def run(n):
             return generate_tokens(model, prompts.tolist(), n, temperature=0)

@@ -13,7 +13,7 @@ from checkpoint import load_model, save_checkpoint
 from conftest import ROOT
 from convert import from_hf
 from data_prep import train_tokenizer
-from generation import filter_top_k_top_p, generate, sample
+from generation import filter_top_k_top_p, generate, sample, use_decode_layout
 from model import GPT, Config
 from tokenizer import Tokenizer
 
@@ -219,3 +219,20 @@ def test_quantized_generation_stays_close_to_float(tiny_dirs, mode, bound):
 def test_compiled_blocks_generate_the_same_tokens(tiny_dirs):
     args = ["--checkpoint_dir", tiny_dirs["plain"], "--prompt", PROMPTS[2], "--temperature", 0, "--max_new_tokens", 12]
     assert run_cli(*args, "--compile", "true").stdout == run_cli(*args).stdout
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_layout_changes_strides_not_results(tied):
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-test", tie_embeddings=tied)).eval()
+    idx = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        logits = model(idx)
+    tokens = generate(model, idx.tolist(), 10)
+    use_decode_layout(model)
+    head = model.embed.weight if tied else model.lm_head.weight
+    assert head.stride() == (1, head.shape[0]) and model.layers[0].mlp.up_proj.weight.stride()[0] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=1e-5)
+    assert generate(model, idx.tolist(), 10) == tokens
+    assert set(model.state_dict()) == set(GPT(model.config).state_dict())
