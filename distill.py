@@ -183,7 +183,7 @@ def setup(
          out_dir=out_dir, teacher_quantize=teacher_quantize, cache_topk=cache_teacher_topk,
          cache_dir=teacher_cache_dir, on_policy_fraction=on_policy_fraction, on_policy=on_policy, resume=resume,
          precision=precision, strategy=strategy, activation_checkpointing=activation_checkpointing, run_args=run_args)
-    for logger in fabric.loggers:  # W&B writes its summary, TensorBoard flushes
+    for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 

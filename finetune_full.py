@@ -125,7 +125,7 @@ def setup(
     main(fabric, checkpoint_dir=Path(checkpoint_dir), data=data, train=train, eval=eval, ckpt=checkpoint,
          out_dir=Path(out_dir), resume=resume, precision=precision, activation_checkpointing=activation_checkpointing,
          run_args=run_args)
-    for logger in fabric.loggers:  # W&B writes its summary, TensorBoard flushes
+    for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 

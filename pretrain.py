@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 from tqdm import tqdm
@@ -27,9 +26,9 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir, flops_per_token_of,
-                      gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
-                      make_strategy, prune_checkpoints)
+from training import (MetricsCSV, StopSignal, chunked_cross_entropy, device_peak_flops, find_resume_dir,
+                      flops_per_token_of, gather_full_state, load_full_state, load_train_state, lr_at, make_loggers,
+                      make_optimizer, make_strategy, prune_checkpoints)
 
 
 METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
@@ -129,7 +128,7 @@ def setup(
     main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=out_dir,
          tokenizer_dir=tokenizer_dir, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
          activation_checkpointing=activation_checkpointing, compile=compile, peak_flops=peak_flops)
-    for logger in fabric.loggers:  # W&B writes its summary, TensorBoard flushes
+    for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 
@@ -213,7 +212,7 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
                 logits = forward(x)
                 # Full blocks, every token a target: the mean per micro-batch divided by the number of
                 # micro-batches is the mean over the whole optimizer step.
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum_steps
+                loss = chunked_cross_entropy(logits, y) / accum_steps
                 fabric.backward(loss)
             loss_sum += loss.detach()
         train_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item()
@@ -277,7 +276,7 @@ def validate(fabric, forward, val_loader, max_batches: int) -> float:
         if i >= max_batches:
             break
         x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
-        losses.append(F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten()))
+        losses.append(chunked_cross_entropy(forward(x), y))
     forward.train()
     return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
 
