@@ -27,7 +27,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from jsonargparse import CLI
 from tqdm import tqdm
 
@@ -273,14 +272,12 @@ def step_loss(fabric, model, micro_batches: list[dict]) -> float:
     for i, batch in enumerate(micro_batches):
         x, y = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-            logits = model(x)  # (B, T, vocab_size)
             # Examples differ in length and in how much of them is prompt, so a mean per micro-batch divided by the
             # number of micro-batches would weigh each target by 1 / (targets in its micro-batch). Instead: the sum
             # over this micro-batch's targets divided by the targets of the whole step (every micro-batch of every
             # rank, all-reduced above), so every target weighs the same, as in one big batch. x world size because
             # DDP and FSDP average the gradients of the ranks, and the step's loss is their sum.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum") * fabric.world_size / n_targets
+            loss = model(x, targets=y) * fabric.world_size / n_targets  # targets = IGNORE_INDEX add nothing
             fabric.backward(loss)
         loss_sum += loss.detach()
     return fabric.all_reduce(loss_sum, reduce_op="mean").item()
@@ -298,9 +295,8 @@ def validate(fabric, model, val_set, micro_batch_size: int, max_batches: int | N
         batch = collate([val_set[i] for i in ids or [0]], val_set.pad_id)
         if not ids:  # this rank has run out of val examples: a batch whose targets are all masked keeps it in step
             batch["labels"].fill_(IGNORE_INDEX)
-        logits = model(batch["input_ids"].to(fabric.device))
         y = batch["labels"].to(fabric.device)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = model(batch["input_ids"].to(fabric.device), targets=y)
         sums += torch.stack([loss, (y != IGNORE_INDEX).sum().float()])
     model.train()
     sums = fabric.all_reduce(sums, reduce_op="sum")

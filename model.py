@@ -106,7 +106,8 @@ class GPT(nn.Module):
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                pad: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size).
 
         Without input_pos: a full causal forward over positions 0..T-1.
@@ -117,6 +118,9 @@ class GPT(nn.Module):
         computes what it would alone.
         last_only: logits of the last position only, (B, 1, vocab_size): a prefill needs no more, and the head
         over every prompt position would cost as much as the rest of a small model's prefill.
+        targets (B, T): instead of logits, return the sum of the cross entropies of the targets (fp32 scalar;
+        positions whose target is -100 left out), computed a chunk of positions at a time without ever holding
+        the (B, T, vocab_size) logits (see linear_cross_entropy). Callers divide by their own token count.
         """
         B, T = idx.shape
         if self.rope_cos.numel() == 0 or self.rope_cos.is_meta or self.rope_cos.device != idx.device:
@@ -152,10 +156,25 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if targets is not None:
+            return self.loss_sum(x, targets)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.final_softcap is not None:
             logits = softcap(logits, self.config.final_softcap)
         return logits
+
+    def loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # Called inside forward, so that FSDP has gathered the head's weight and DDP sees it used.
+        if self.lm_head is None or type(self.lm_head) is nn.Linear:
+            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            bias = None if self.lm_head is None else self.lm_head.bias
+            return linear_cross_entropy(x.flatten(0, -2), weight, bias, targets.flatten(), self.config.final_softcap)
+        # a LoRA or quantised head: its own forward, then the plain loss
+        logits = self.lm_head(x)
+        if self.config.final_softcap is not None:
+            logits = softcap(logits, self.config.final_softcap)
+        logits = logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
         cos, sin = build_rope_cache(self.config, self.config.block_size, device)
@@ -282,6 +301,90 @@ def softcapped_attention(q, k, v, mask, scale, cap):
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
+
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt tokens, padding), as in PyTorch and HF
+
+
+@torch.compiler.disable  # a Python loop over chunks with in-place updates: nothing for the compiler to gain
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         final_softcap: float | None = None, chunk_rows: int = 256) -> torch.Tensor:
+    """Sum over rows of cross_entropy(x @ weight.T + bias, targets), targets == IGNORE_INDEX left out, with the
+    gradients of x, weight and bias computed in the same pass, chunk_rows rows at a time.
+
+    Why: for a small model with a large vocabulary the head and its softmax are most of a training step, and
+    autograd's version keeps the (N, V) logits, their log-softmax and its gradient, each a trip through memory
+    (a 1,024 x 50,304 step makes three 206 MB arrays). Here each chunk's logits become their own gradient in place
+    (softmax minus one-hot) and are multiplied into the x and weight gradients while still in cache. The matmuls
+    run in the autocast dtype when autocast is on, the softmax always in float32."""
+    need_x = torch.is_grad_enabled() and x.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    need_b = bias is not None and torch.is_grad_enabled() and bias.requires_grad
+    return _LinearCrossEntropy.apply(x, weight, bias, targets, final_softcap, chunk_rows, need_x, need_w, need_b)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, cap, chunk_rows, need_x, need_w, need_b):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        # the softmax, the sums and the weight gradient (accumulated over chunks) in float32 at least
+        acc = torch.promote_types(dtype, torch.float32)
+        rows = min(chunk_rows, x.shape[0])
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            grad_x = torch.empty_like(x) if need_x else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+            grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
+            total = torch.zeros((), dtype=acc, device=x.device)
+            # One pair of chunk buffers, reused: a fresh tens-of-MB array per chunk costs page faults on a CPU.
+            logits = torch.empty(rows, weight.shape[0], dtype=dtype, device=x.device)
+            logp = torch.empty(rows, weight.shape[0], dtype=acc, device=x.device)
+            some_ignored = bool((targets == IGNORE_INDEX).any())  # one host sync per call, not one per chunk
+            for start in range(0, x.shape[0], rows):
+                h = x[start:start + rows].to(dtype)
+                t = targets[start:start + rows]
+                n = len(t)
+                z = torch.mm(h, w.T, out=logits[:n]) if b is None else torch.addmm(b, h, w.T, out=logits[:n])
+                if cap is not None:
+                    capped = torch.tanh(z.to(acc) / cap)
+                    z = capped * cap
+                keep = t != IGNORE_INDEX
+                t = t.clamp(min=0)
+                lp = torch.log_softmax(z, dim=-1, dtype=acc, out=logp[:n])
+                total -= torch.where(keep, lp.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+                if not (need_x or need_w or need_b):
+                    continue
+                # d loss / d z = softmax(z) - onehot(t), zero on ignored rows
+                g = lp.exp_()
+                g[torch.arange(n, device=t.device), t] -= 1
+                if some_ignored:
+                    g.mul_(keep[:, None])
+                if cap is not None:
+                    g.mul_(1 - capped * capped)
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(dtype)
+                if need_x:
+                    grad_x[start:start + n] = g @ w
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.T, h)
+                    else:
+                        grad_w += (g.T @ h).to(acc)
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_x is None else grad_x * grad_total,
+                None if grad_w is None else (grad_w * grad_total).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_total).to(b_dtype),
+                None, None, None, None, None, None)
 
 
 def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, explicit: bool):

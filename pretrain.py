@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StopSignal, chunked_cross_entropy, device_peak_flops, find_resume_dir,
+from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir,
                       flops_per_token_of, gather_full_state, load_full_state, load_train_state, lr_at, make_loggers,
                       make_optimizer, make_strategy, prune_checkpoints)
 
@@ -209,10 +209,9 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
             batch = next(train_iter)
             x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
             with fabric.no_backward_sync(model, enabled=micro < accum_steps - 1):
-                logits = forward(x)
                 # Full blocks, every token a target: the mean per micro-batch divided by the number of
                 # micro-batches is the mean over the whole optimizer step.
-                loss = chunked_cross_entropy(logits, y) / accum_steps
+                loss = forward(x, targets=y) / y.numel() / accum_steps
                 fabric.backward(loss)
             loss_sum += loss.detach()
         train_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item()
@@ -276,7 +275,7 @@ def validate(fabric, forward, val_loader, max_batches: int) -> float:
         if i >= max_batches:
             break
         x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
-        losses.append(chunked_cross_entropy(forward(x), y))
+        losses.append(forward(x, targets=y) / y.numel())
     forward.train()
     return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
 

@@ -15,7 +15,7 @@ Alpaca prompt for base models, as [bos] + prompt + response + [eos], the shape o
 Convention: an example is {"input_ids": (T,), "labels": (T,)} with input_ids = tokens[:-1] and labels = tokens[1:],
 so labels[t] is the target of the logits at position t. Targets outside the assistant's text are IGNORE_INDEX; that
 text includes the end-of-turn token (or eos, for alpaca) that the model must learn to emit. The loss of a step is
-    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    model(input_ids, targets=labels)  (the cross entropy summed over the targets that are not IGNORE_INDEX)
 summed over its micro-batches and divided by the target tokens of the whole step (count_targets).
 """
 
@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import Dataset
 
 from checkpoint import CheckpointError
+from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 PROMPT_STYLES = ("auto", "chat_template", "alpaca")
 # Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "

@@ -3,10 +3,14 @@
     python bench/pretrain_throughput.py                       # fp32, ours and LitGPT
     python bench/pretrain_throughput.py --precision bf16-mixed --compile
 
-One training step = forward + backward + AdamW step on a micro batch of 4 x 512 random tokens. Each
-implementation runs in its own process (LitGPT from .venv-peers, which pins older libraries), 2 torch threads,
-with warm-up steps first; the figure is the median over the timed steps. Weights are each implementation's own
-random init: values do not change the speed of these fp32/bf16 kernels.
+One training step = forward + loss + backward + AdamW step on a micro batch of 4 x 512 random tokens, each
+implementation's step as its own pretrain script takes it: ours `model(x, targets=y)` (the head and cross entropy
+fused, a chunk of positions at a time) and AdamW as training.make_optimizer builds it (fused, on CUDA and CPU);
+LitGPT `chunked_cross_entropy(model(x), y)` and a plain AdamW (its pretrain fuses it on CUDA only).
+`--plain_loss` gives both the same unchunked F.cross_entropy on the logits and a plain AdamW: the models alone.
+Each implementation runs in its own process (LitGPT from .venv-peers, which pins older libraries), 2 torch
+threads, with warm-up steps first; the figure is the median over the timed steps. Weights are each
+implementation's own random init: values do not change the speed of these fp32/bf16 kernels.
 """
 
 import argparse
@@ -41,20 +45,30 @@ def build(impl: str) -> torch.nn.Module:
         norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP"))
 
 
-def measure(impl: str, precision: str, steps: int, warmup: int, compile: bool, batch_size: int) -> dict:
+def measure(impl: str, precision: str, steps: int, warmup: int, compile: bool, batch_size: int,
+            plain_loss: bool) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = build(impl)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compile else model
+    if plain_loss:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss_of = lambda x, y: torch.nn.functional.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten())
+    elif impl == "ours":
+        from training import make_optimizer
+        optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), torch.device("cpu"))
+        loss_of = lambda x, y: forward(x, targets=y) / y.numel()
+    else:
+        from litgpt.utils import chunked_cross_entropy
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
+        loss_of = lambda x, y: chunked_cross_entropy(forward(x), y)
     T = REFERENCE["block_size"]
     x = torch.randint(0, REFERENCE["vocab_size"], (batch_size, T + 1))
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = forward(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = loss_of(x[:, :-1], x[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,11 +102,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile ours")
+    parser.add_argument("--plain_loss", action="store_true", help="both: unchunked cross entropy, plain AdamW")
     args = parser.parse_args()
     if args.impl:
         for precision in args.precision:
             result = measure(args.impl, precision, args.steps, args.warmup, args.compile and args.impl == "ours",
-                             args.batch_size)
+                             args.batch_size, args.plain_loss)
             print(json.dumps(dict(result, precision=precision)))
         return
 
@@ -102,6 +117,7 @@ def main():
         + c["vocab_size"] * c["n_embd"]
     flops_per_token = 6 * matmul_params + 12 * c["n_layer"] * c["n_embd"] * c["block_size"]
     print(f"reference Llama config, micro batch {args.batch_size} x {c['block_size']}, AdamW, 2 threads, "
+          f"{'plain cross entropy, both' if args.plain_loss else 'each with its own loss and AdamW'}, "
           f"{flops_per_token / 1e6:.0f} MFLOP/token; median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'precision':<12}{'impl':<10}{'tokens/s':>10}{'MFU':>8}{'vs LitGPT':>11}")
     for precision in args.precision:
@@ -113,7 +129,8 @@ def main():
                 continue
             cmd = [python, __file__, "--impl", impl, "--precision", precision, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch_size", str(args.batch_size)]
-            out = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True)
+            flags = (["--compile"] if args.compile else []) + (["--plain_loss"] if args.plain_loss else [])
+            out = subprocess.run(cmd + flags, capture_output=True, text=True)
             if out.returncode:
                 print(f"{precision:<12}{impl:<10}  failed: {out.stderr.strip().splitlines()[-1]}")
                 continue

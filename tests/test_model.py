@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from convert.families import config_to_hf
-from model import GPT, Config, attention_masks, configs, softcapped_attention
+from model import (GPT, IGNORE_INDEX, Config, LoRAConfig, add_lora, attention_masks, configs, linear_cross_entropy,
+                   softcapped_attention)
 
 # Parameter counts of the released checkpoints, as the Hugging Face hub reports them for each repository's
 # safetensors files (tied embeddings counted once).
@@ -134,3 +135,57 @@ def test_left_padded_rows_compute_what_each_row_computes_alone(overrides):
         torch.testing.assert_close(out[0], alone[0][:-1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[1, 4:], alone[1][:-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decode[:, 0], torch.stack([alone[0][-1], alone[1][-1]]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=True), dict(lm_head_bias=True),
+                                       dict(final_softcap=3.0), "lora_head"])
+def test_forward_with_targets_is_the_summed_cross_entropy_with_the_same_gradients(overrides):
+    # float64, so that any difference is a bug and not rounding; 2 x 150 positions = chunks of 256 and 44
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-test", block_size=150, **(overrides if isinstance(overrides, dict) else {}))
+    model = GPT(config).double()
+    model.init_weights()
+    if overrides == "lora_head":  # not a plain Linear: the loss goes through the head's own forward
+        add_lora(model, LoRAConfig(targets=("q", "lm_head")))
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, config.vocab_size, (2, 150))
+    y = torch.randint(0, config.vocab_size, (2, 150))
+    y[0, :40] = IGNORE_INDEX  # a prompt
+    y[1, -3:] = IGNORE_INDEX  # padding
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    logits = model(x)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.37, params)
+    loss = model(x, targets=y)
+    grads = torch.autograd.grad(loss * 0.37, params)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # validation: the loss alone
+        torch.testing.assert_close(model(x, targets=y), expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_and_with_a_frozen_head():
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    t = torch.randint(0, 100, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, None, t, chunk_rows=128)
+        expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t, reduction="sum")
+    gx, gw = torch.autograd.grad(loss, [x, w])
+    ex, ew = torch.autograd.grad(expected, [x, w])
+    assert loss.dtype == torch.float32 and gx.dtype == gw.dtype == torch.float32
+    # the same bf16 matmuls, the softmax in fp32 in both: equal up to bf16 rounding of the gradient products
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gx, ex, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw, ew, rtol=2e-2, atol=2e-2)
+    # a frozen head (LoRA): no gradient is made for it, and the input's is unchanged
+    (gx_frozen,) = torch.autograd.grad(linear_cross_entropy(x, w.detach(), None, t, chunk_rows=128), [x])
+    (gx_full,) = torch.autograd.grad(linear_cross_entropy(x, w, None, t, chunk_rows=128), [x])
+    torch.testing.assert_close(gx_frozen, gx_full, rtol=0, atol=0)
