@@ -3,6 +3,7 @@
     python bench/generate_throughput.py                         # BENCH.md's 51.75M Llama, batch 1 and 8
     python bench/generate_throughput.py --model smollm2         # the real SmolLM2-135M-Instruct (tests' GGUF cache)
     python bench/generate_throughput.py --precision bf16-true --device cuda
+    python bench/generate_throughput.py --batch 1 --rounds 5 --reps 2    # on a noisy shared machine
 
 Greedy decoding of 128 new tokens after a 64-token prompt of random ids, no stop token (every run makes all
 128). Each implementation runs in its own process with 2 torch threads (LitGPT from .venv-peers), one warm-up
@@ -146,6 +147,9 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the implementations one after the other this many times and take medians: the "
+                             "ratios of neighbouring runs, which a shared machine's slow spells disturb less")
     parser.add_argument("--precision", choices=list(DTYPES), default="32-true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -157,25 +161,39 @@ def main():
         return
 
     print(f"{args.model}: greedy, {args.prompt_len}-token prompt + {args.new_tokens} new tokens, {args.precision}, "
-          f"{args.device}, 2 threads, median of {args.reps} after a warm-up")
+          f"{args.device}, 2 threads, median of {args.reps} after a warm-up"
+          + (f"; medians over {args.rounds} rounds, ratios within each round" if args.rounds > 1 else ""))
     print(f"{'batch':<7}{'impl':<9}{'tokens/s':>10}{'first token':>13}{'vs LitGPT':>11}{'vs HF':>8}")
     for batch in args.batch:
-        rows = {}
-        for impl, python in (("ours", sys.executable), ("litgpt", str(PEER_PYTHON)), ("hf", sys.executable)):
-            if impl == "litgpt" and not PEER_PYTHON.is_file():
-                print(f"{batch:<7}{impl:<9}  (no .venv-peers: see BENCH.md)")
+        rounds = []  # per round: {impl: result}
+        for _ in range(args.rounds):
+            rows = {}
+            for impl, python in (("ours", sys.executable), ("litgpt", str(PEER_PYTHON)), ("hf", sys.executable)):
+                if impl == "litgpt" and not PEER_PYTHON.is_file():
+                    continue
+                cmd = [python, __file__, "--impl", impl, "--model", args.model, "--batch", str(batch),
+                       "--prompt_len", str(args.prompt_len), "--new_tokens", str(args.new_tokens), "--reps",
+                       str(args.reps), "--precision", args.precision, "--device", args.device]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    print(f"{batch:<7}{impl:<9}  failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                    continue
+                rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            rounds.append(rows)
+        if not PEER_PYTHON.is_file():
+            print(f"{batch:<7}{'litgpt':<9}  (no .venv-peers: see BENCH.md)")
+        for impl in ("ours", "litgpt", "hf"):
+            mine = [r for r in rounds if impl in r]
+            if not mine:
                 continue
-            cmd = [python, __file__, "--impl", impl, "--model", args.model, "--batch", str(batch), "--prompt_len",
-                   str(args.prompt_len), "--new_tokens", str(args.new_tokens), "--reps", str(args.reps),
-                   "--precision", args.precision, "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(f"{batch:<7}{impl:<9}  failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-                continue
-            rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        for impl, r in rows.items():
-            vs = [r["tokens_per_sec"] / rows[p]["tokens_per_sec"] if p in rows else float("nan") for p in ("litgpt", "hf")]
-            print(f"{batch:<7}{impl:<9}{r['tokens_per_sec']:>10.1f}{r['ttft_ms']:>10.0f} ms{vs[0]:>10.2f}x{vs[1]:>7.2f}x")
+            tps = statistics.median(r[impl]["tokens_per_sec"] for r in mine)
+            ttft = statistics.median(r[impl]["ttft_ms"] for r in mine)
+            ratios = {p: [r[impl]["tokens_per_sec"] / r[p]["tokens_per_sec"] for r in mine if p in r]
+                      for p in ("litgpt", "hf")}
+            vs = [statistics.median(ratios[p]) if ratios[p] else float("nan") for p in ("litgpt", "hf")]
+            per_round = ("  rounds vs LitGPT: " + ", ".join(f"{x:.2f}" for x in ratios["litgpt"])
+                         if impl == "ours" and len(ratios["litgpt"]) > 1 else "")
+            print(f"{batch:<7}{impl:<9}{tps:>10.1f}{ttft:>10.0f} ms{vs[0]:>10.2f}x{vs[1]:>7.2f}x{per_round}")
 
 
 if __name__ == "__main__":
