@@ -11,6 +11,10 @@ is `litgpt finetune_lora` / `litgpt finetune_full` from .venv-peers, each in its
 s/step: the mean over the last `--window` steps, evaluation and checkpointing excluded (ours: its tokens/s over the
 last 10 steps, from metrics.csv; LitGPT: its printed per-iteration time, one iteration = one step here).
 LitGPT needs its own checkpoint: the transformers copy of the model is converted once into .cache/bench-finetune.
+transformers (full) and transformers + PEFT (LoRA, same targets and hyperparameters) run as a plain loop in
+.venv-peers (`pip install peft` there): the same rendered Alpaca prompts tokenised by the model's tokenizer, batches
+of 4, the model's own loss on the response tokens, AdamW; s/step = the mean of its last `--window` steps, batch
+assembly included. `--rounds N` runs every implementation N times, alternating, and reports medians.
 """
 
 import argparse
@@ -28,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / ".venv-peers" / "bin" / "litgpt"
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 HF_DIR = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf"
 LITGPT_DIR = ROOT / ".cache" / "bench-finetune" / "SmolLM2-135M-Instruct"
 WORDS = ("the model learns to answer questions about cats dogs rivers mountains numbers colours music history "
@@ -42,32 +47,53 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=36, help="words per reply (instruction: 12)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["lora", "full"])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--hf_loop", choices=["lora", "full"], help=argparse.SUPPRESS)  # the peer venv's side
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hf_loop:
+        return hf_loop(args.hf_loop, Path(args.work), args.steps, args.window, args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="finetune_speed-"))
     rng = random.Random(0)
     records = [{"instruction": " ".join(rng.choices(WORDS, k=12)) + "?", "input": "",
                 "output": " ".join(rng.choices(WORDS, k=args.words)) + "."} for _ in range(64)]
     (work / "alpaca.json").write_text(json.dumps(records))
+    # what the transformers loop trains on: ours' Alpaca prompt text (sft_data renders it; bos + prompt + response
+    # + eos), the response after it
+    sys.path.insert(0, str(ROOT))
+    from sft_data import alpaca_prompt
+    (work / "prompts.json").write_text(json.dumps([[alpaca_prompt(r["instruction"]), r["output"]] for r in records]))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    peer = PEER.is_file() and litgpt_checkpoint()
+    peers = {"ours": ours}
+    if PEER.is_file() and litgpt_checkpoint():
+        peers["LitGPT"] = litgpt
+    if PEER.is_file() and HF_DIR.is_dir():
+        peers["transformers"] = hf
 
-    results = {}
+    results = {}  # (mode, impl) -> s/step of each round
     for mode in args.modes:
-        results[mode, "ours"] = ours(mode, args, work, env)
-        print(json.dumps({f"{mode} ours": results[mode, "ours"]}), flush=True)
-        if peer:
-            results[mode, "LitGPT"] = litgpt(mode, args, work, env)
-            print(json.dumps({f"{mode} LitGPT": results[mode, "LitGPT"]}), flush=True)
+        for _ in range(args.rounds):
+            for impl, fn in peers.items():
+                if impl == "transformers" and mode == "lora" and not has_peft():
+                    continue
+                results.setdefault((mode, impl), []).append(fn(mode, args, work, env))
+                print(json.dumps({f"{mode} {impl}": results[mode, impl][-1]}), flush=True)
     shutil.rmtree(work)
 
     print(f"\nSmolLM2-135M-Instruct, fp32, micro = global batch 4, {args.steps} steps, mean s/step of the last "
-          f"{args.window}, OMP_NUM_THREADS={args.threads}")
-    print("| mode | ours s/step | LitGPT s/step | LitGPT / ours |")
-    print("|---|---|---|---|")
+          f"{args.window}, OMP_NUM_THREADS={args.threads}" + (f", medians of {args.rounds} rounds" if args.rounds > 1
+                                                            else ""))
+    others = [impl for impl in peers if impl != "ours"]
+    print("| mode | ours s/step | " + " | ".join(f"{p} s/step | {p} / ours" for p in others) + " |")
+    print("|---|---|" + "---|---|" * len(others))
     for mode in args.modes:
-        o, p = results[mode, "ours"], results.get((mode, "LitGPT"))
-        print(f"| {mode} | {o:.3f} | {p:.3f} | {p / o:.2f} |" if p else f"| {mode} | {o:.3f} | - | - |")
+        o = statistics.median(results[mode, "ours"])
+        cells = []
+        for p in others:
+            v = results.get((mode, p))
+            cells += [f"{statistics.median(v):.3f}", f"{statistics.median(v) / o:.2f}"] if v else ["-", "-"]
+        print(f"| {mode} | {o:.3f} | " + " | ".join(cells) + " |")
 
 
 def ours(mode: str, args, work: Path, env: dict) -> float:
@@ -104,6 +130,56 @@ def litgpt(mode: str, args, work: Path, env: dict) -> float:
     if len(times) < args.window:
         sys.exit(f"LitGPT printed {len(times)} iteration times:\n{output[-3000:]}")
     return statistics.mean(times[-args.window:])
+
+
+def hf(mode: str, args, work: Path, env: dict) -> float:
+    cmd = [str(PEER_PYTHON), __file__, "--hf_loop", mode, "--work", str(work), "--steps", str(args.steps),
+           "--window", str(args.window), "--threads", str(args.threads)]
+    line = next(x for x in run(cmd, env).splitlines() if x.startswith('{"s_per_step"'))
+    return json.loads(line)["s_per_step"]
+
+
+def has_peft() -> bool:
+    return subprocess.run([str(PEER_PYTHON), "-c", "import peft"], capture_output=True).returncode == 0
+
+
+def hf_loop(mode: str, work: Path, steps: int, window: int, threads: int) -> None:
+    """transformers (+ PEFT for LoRA) finetuning, written as its model card's plain training loop would be."""
+    import time
+
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(HF_DIR)
+    model = transformers.AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
+    if mode == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.train()
+    examples = []
+    for prompt, response in json.loads((work / "prompts.json").read_text()):
+        prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]))
+    random.Random(0).shuffle(examples)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=2e-4 if mode == "lora" else 2e-5)
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        batch = [examples[(step * 4 + i) % len(examples)] for i in range(4)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"s_per_step": statistics.mean(times[-window:]), "loss": loss.item(),
+                      "times": [round(t, 3) for t in times]}))
 
 
 def litgpt_checkpoint() -> bool:
