@@ -156,25 +156,18 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if targets is not None:
-            return self.loss_sum(x, targets)
-        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
-        if self.config.final_softcap is not None:
-            logits = softcap(logits, self.config.final_softcap)
-        return logits
-
-    def loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Called inside forward, so that FSDP has gathered the head's weight and DDP sees it used.
-        if self.lm_head is None or type(self.lm_head) is nn.Linear:
+        if targets is not None and (self.lm_head is None or type(self.lm_head) is nn.Linear):
+            # Here inside forward, so that FSDP has gathered the head's weight and DDP sees it used.
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
             bias = None if self.lm_head is None else self.lm_head.bias
             return linear_cross_entropy(x.flatten(0, -2), weight, bias, targets.flatten(), self.config.final_softcap)
-        # a LoRA or quantised head: its own forward, then the plain loss
-        logits = self.lm_head(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.final_softcap is not None:
             logits = softcap(logits, self.config.final_softcap)
-        logits = logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if targets is not None:  # a LoRA or quantised head: its own forward above, then the plain loss
+            logits = logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32))
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
         cos, sin = build_rope_cache(self.config, self.config.block_size, device)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
 from model import GPT, Block, Config
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir,
-                      flops_per_token_of, gather_full_state, load_full_state, load_train_state, lr_at, make_loggers,
-                      make_optimizer, make_strategy, prune_checkpoints)
+from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir, flops_per_token_of,
+                      gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
+                      make_strategy, prune_checkpoints)
 
 
 METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]

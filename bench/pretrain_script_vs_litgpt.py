@@ -54,12 +54,12 @@ def main() -> None:
         run([sys.executable, "data_prep/prepare_text.py", "--inputs", str(corpus), "--tokenizer_dir", str(TOKENIZER),
              "--out_dir", str(WORK / "chunks"), "--val_fraction", "0"], env)
     shutil.rmtree(WORK / "ours", ignore_errors=True)
-    output, arrivals = run([sys.executable, "pretrain.py", "--model.name", "pythia-14m", "--model.overrides", '{"block_size": 256}',
-         "--data.train_dirs", json.dumps([str(WORK / "chunks" / "train")]), "--data.val_dir", "null",
-         "--tokenizer_dir", str(TOKENIZER), "--out_dir", str(WORK / "ours"), "--train.global_batch_size", "4",
-         "--train.micro_batch_size", "4", "--train.max_steps", str(args.steps), "--checkpoint.interval",
-         str(args.steps), "--precision", args.precision, "--compile", args.compile], env,
-        progress=re.compile(r"pretrain:.*?\|\s*(\d+)/\d+"))
+    _, arrivals = run([sys.executable, "pretrain.py", "--model.name", "pythia-14m", "--model.overrides",
+                       '{"block_size": 256}', "--data.train_dirs", json.dumps([str(WORK / "chunks" / "train")]),
+                       "--data.val_dir", "null", "--tokenizer_dir", str(TOKENIZER), "--out_dir", str(WORK / "ours"),
+                       "--train.global_batch_size", "4", "--train.micro_batch_size", "4", "--train.max_steps",
+                       str(args.steps), "--checkpoint.interval", str(args.steps), "--precision", args.precision,
+                       "--compile", args.compile], env, progress=re.compile(r"pretrain:.*?\|\s*(\d+)/\d+"))
     rows = list(csv.DictReader(open(WORK / "ours" / "metrics.csv")))
     ours = wall_tokens_per_sec(arrivals, window)
     ours_reported = float(rows[-1]["tokens_per_sec"])
@@ -68,14 +68,15 @@ def main() -> None:
     peer = None
     if PEER.is_file():
         shutil.rmtree(WORK / "litgpt", ignore_errors=True)
-        output, arrivals = run([str(PEER), "pretrain", "pythia-14m", "--tokenizer_dir", str(TOKENIZER), "--data", "TextFiles",
-                      "--data.train_data_path", str(corpus), "--data.num_workers", "1",
-                      "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
-                      "--train.max_tokens", str(args.steps * TOKENS_PER_STEP), "--train.max_seq_length", "256",
-                      "--train.log_interval", "1", "--train.save_interval", "100000", "--eval.interval", "100000",
-                      "--eval.initial_validation", "false", "--eval.final_validation", "false",
-                      "--precision", args.precision, "--out_dir", str(WORK / "litgpt"), "--logger_name", "csv"],
-                     env, cwd=WORK, progress=re.compile(r"iter (\d+) step"))
+        output, arrivals = run([str(PEER), "pretrain", "pythia-14m", "--tokenizer_dir", str(TOKENIZER), "--data",
+                                "TextFiles", "--data.train_data_path", str(corpus), "--data.num_workers", "1",
+                                "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
+                                "--train.max_tokens", str(args.steps * TOKENS_PER_STEP), "--train.max_seq_length",
+                                "256", "--train.log_interval", "1", "--train.save_interval", "100000",
+                                "--eval.interval", "100000", "--eval.initial_validation", "false",
+                                "--eval.final_validation", "false", "--precision", args.precision, "--out_dir",
+                                str(WORK / "litgpt"), "--logger_name", "csv"],
+                               env, cwd=WORK, progress=re.compile(r"iter (\d+) step"))
         times = [float(t) / 1000 for t in re.findall(r"iter time: ([\d.]+) ?ms", output)]
         peer = wall_tokens_per_sec(arrivals, window)
         peer_reported = TOKENS_PER_STEP / statistics.mean(times[-10:])
