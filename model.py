@@ -5,6 +5,7 @@ reference `transformers` implementation logit for logit (tests/test_convert.py).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -188,6 +189,39 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     @torch.no_grad()
+    def fuse_projections(self, empty: Callable[[int, int], torch.Tensor] | None = None) -> None:
+        """For generation: stack each layer's q, k and v weights into one matrix, and gate and up into another, so
+        a decode step runs one matrix-vector product where it ran three or two (each pays its own start-up and
+        memory latency: on a 2-core CPU, 51.75M Llama, the layers' products took 6.9 instead of 8.6 ms a token).
+        The separate weights become views into the stacked ones, so values, the state dict and in-place loads are
+        shared. Only plain nn.Linear projections are stacked, not LoRA or quantised ones.
+        empty(rows, cols): the memory for a stacked matrix (default a new contiguous tensor); generation's
+        use_decode_layout passes column-major memory."""
+        def stack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = torch.cat([linear.weight for linear in linears])
+            if empty is not None:
+                weight = empty(*weight.shape).copy_(weight)
+            bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+            start = 0
+            for linear in linears:
+                rows = linear.weight.shape[0]
+                linear.weight.data = weight[start:start + rows]
+                if bias is not None:
+                    linear.bias.data = bias[start:start + rows]
+                start += rows
+            return weight, bias
+
+        for module in self.modules():
+            if isinstance(module, Attention) and module.qkv_weight is None:
+                linears = [module.q_proj, module.k_proj, module.v_proj]
+                if all(type(linear) is nn.Linear for linear in linears):
+                    module.qkv_weight, module.qkv_bias = stack(linears)
+            elif isinstance(module, MLP) and module.config.mlp != "plain" and module.gate_up_weight is None:
+                linears = [module.gate_proj, module.up_proj]
+                if all(type(linear) is nn.Linear for linear in linears):
+                    module.gate_up_weight, module.gate_up_bias = stack(linears)
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialisation for training from scratch (GPT-2 / nanoGPT): every Linear and the embedding
         ~ N(0, 0.02), biases 0, and the projections that write into the residual stream (o_proj, down_proj)
@@ -251,13 +285,19 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if use_window else None
         self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
         self.kv_cache: KVCache | None = None
+        # q, k and v stacked into one matrix by GPT.fuse_projections (for generation); None: three matmuls
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len):
         B, T, C = x.shape
-        hd = self.config.head_dim
-        q = self.q_proj(x).view(B, T, self.config.n_head, hd)
-        k = self.k_proj(x).view(B, T, self.config.n_kv_head, hd)
-        v = self.v_proj(x).view(B, T, self.config.n_kv_head, hd)
+        hd, n_head, n_kv_head = self.config.head_dim, self.config.n_head, self.config.n_kv_head
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                (n_head * hd, n_kv_head * hd, n_kv_head * hd), dim=-1)
+        q, k, v = q.view(B, T, n_head, hd), k.view(B, T, n_kv_head, hd), v.view(B, T, n_kv_head, hd)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head or n_kv_head, T, head_dim)
@@ -323,44 +363,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         # the softmax, the sums and the weight gradient (accumulated over chunks) in float32 at least
         acc = torch.promote_types(dtype, torch.float32)
-        rows = max(1, min(chunk_rows, x.shape[0]))
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            grad_x = torch.empty_like(x) if need_x else None
+            # Rows whose target is ignored (prompt tokens, padding) add nothing to the loss or to any gradient, so
+            # they skip the head altogether: in instruction tuning that is a third to a half of the positions.
+            kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per call
+            every_row = len(kept) == len(targets)
+            grad_x = (torch.empty_like(x) if every_row else torch.zeros_like(x)) if need_x else None
             grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
             grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
             total = torch.zeros((), dtype=acc, device=x.device)
+            rows = max(1, min(chunk_rows, len(kept)))
             # One pair of chunk buffers, reused: a fresh tens-of-MB array per chunk costs page faults on a CPU.
             logits = torch.empty(rows, weight.shape[0], dtype=dtype, device=x.device)
             logp = torch.empty(rows, weight.shape[0], dtype=acc, device=x.device)
-            some_ignored = bool((targets == IGNORE_INDEX).any())  # one host sync per call, not one per chunk
-            for start in range(0, x.shape[0], rows):
-                h = x[start:start + rows].to(dtype)
-                t = targets[start:start + rows]
+            for start in range(0, len(kept), rows):
+                index = slice(start, start + rows) if every_row else kept[start:start + rows]
+                h = x[index].to(dtype)
+                t = targets[index]
                 n = len(t)
                 z = torch.mm(h, w.T, out=logits[:n]) if b is None else torch.addmm(b, h, w.T, out=logits[:n])
                 if cap is not None:
                     capped = torch.tanh(z.to(acc) / cap)
                     z = capped * cap
-                keep = t != IGNORE_INDEX
-                t = t.clamp(min=0)
                 lp = torch.log_softmax(z, dim=-1, dtype=acc, out=logp[:n])
-                total -= torch.where(keep, lp.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+                total -= lp.gather(1, t[:, None]).sum()
                 if not (need_x or need_w or need_b):
                     continue
-                # d loss / d z = softmax(z) - onehot(t), zero on ignored rows
+                # d loss / d z = softmax(z) - onehot(t)
                 g = lp.exp_()
                 g[torch.arange(n, device=t.device), t] -= 1
-                if some_ignored:
-                    g.mul_(keep[:, None])
                 if cap is not None:
                     g.mul_(1 - capped * capped)
                 if need_b:
                     grad_b += g.sum(0)
                 g = g.to(dtype)
                 if need_x:
-                    grad_x[start:start + n] = g @ w
+                    grad_x[index] = g @ w
                 if need_w:
                     if dtype == acc:
                         grad_w.addmm_(g.T, h)
@@ -421,11 +461,18 @@ class MLP(nn.Module):
             raise ValueError(f"Config.mlp must be 'gated', 'plain' or 'moe', got {config.mlp!r}")
         self.up_proj = nn.Linear(C, H, bias=config.mlp_bias)
         self.down_proj = nn.Linear(H, C, bias=config.mlp_bias)
+        # gate and up stacked into one matrix by GPT.fuse_projections (for generation); None: two matmuls
+        self.register_buffer("gate_up_weight", None, persistent=False)
+        self.register_buffer("gate_up_bias", None, persistent=False)
 
     def forward(self, x):
         if self.config.mlp == "plain":
             return self.down_proj(activation(self.config.activation, self.up_proj(x)))
-        return self.down_proj(activation(self.config.activation, self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return self.down_proj(activation(self.config.activation, gate) * up)
 
 
 class MoE(nn.Module):

@@ -221,18 +221,44 @@ def test_compiled_blocks_generate_the_same_tokens(tiny_dirs):
     assert run_cli(*args, "--compile", "true").stdout == run_cli(*args).stdout
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_decode_layout_changes_strides_not_results(tied):
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True},
+                                       {"qkv_bias": True, "mlp_bias": True, "mlp": "moe", "n_expert": 3,
+                                        "n_expert_per_token": 2}], ids=["untied", "tied", "biases-moe"])
+def test_decode_layout_changes_layout_not_results(overrides):
     torch.manual_seed(0)
-    model = GPT(Config.from_name("tiny-test", tie_embeddings=tied)).eval()
+    model = GPT(Config.from_name("tiny-test", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases start at zero: make them count
+            p.normal_(0, 0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     idx = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         logits = model(idx)
     tokens = generate(model, idx.tolist(), 10)
     use_decode_layout(model)
-    head = model.embed.weight if tied else model.lm_head.weight
-    assert head.stride() == (1, head.shape[0]) and model.layers[0].mlp.up_proj.weight.stride()[0] == 1
+
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    assert head.stride() == (1, head.shape[0])
+    for block in model.layers:
+        attn = block.attn
+        stacked = attn.qkv_weight
+        assert stacked.shape[0] == sum(p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert stacked.stride()[0] == 1 and attn.o_proj.weight.stride()[0] == 1
+        # the separate weights are views into the stacked matrix: one copy of the values, shared
+        assert attn.k_proj.weight.data_ptr() == stacked[attn.q_proj.weight.shape[0]:].data_ptr()
+        mlps = block.mlp.experts if model.config.mlp == "moe" else [block.mlp]
+        for mlp in mlps:
+            assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.weight.shape[0]:].data_ptr()
+        if model.config.qkv_bias:
+            assert torch.equal(attn.qkv_bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=1e-5)
     assert generate(model, idx.tolist(), 10) == tokens
-    assert set(model.state_dict()) == set(GPT(model.config).state_dict())
+
+    # loading into the laid-out model writes through the views into the stacked matrices
+    other = GPT(model.config).eval()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), other(idx), atol=1e-5, rtol=1e-5)

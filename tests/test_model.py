@@ -170,6 +170,15 @@ def test_forward_with_targets_is_the_summed_cross_entropy_with_the_same_gradient
         torch.testing.assert_close(model(x, targets=y), expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_linear_cross_entropy_when_every_target_is_ignored():
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    b = torch.randn(11, requires_grad=True)
+    loss = linear_cross_entropy(x, w, b, torch.full((5,), IGNORE_INDEX))
+    assert loss.item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(loss, [x, w, b]))
+
+
 def test_linear_cross_entropy_under_bf16_autocast_and_with_a_frozen_head():
     torch.manual_seed(0)
     x = torch.randn(300, 32, requires_grad=True)
