@@ -361,7 +361,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, targets, cap, chunk_rows, need_x, need_w, need_b):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        # the softmax, the sums and the weight gradient (accumulated over chunks) in float32 at least
+        # the softmax, the sums and the weight gradient (when summed over several chunks) in float32 at least
         acc = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
@@ -371,7 +371,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per call
             every_row = len(kept) == len(targets)
             grad_x = (torch.empty_like(x) if every_row else torch.zeros_like(x)) if need_x else None
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+            grad_w = None  # the first chunk's product starts it: no zero-filled (V, C) array to add that to
             grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
             total = torch.zeros((), dtype=acc, device=x.device)
             rows = max(1, min(chunk_rows, len(kept)))
@@ -402,10 +402,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_x:
                     grad_x[index] = g @ w
                 if need_w:
-                    if dtype == acc:
+                    if grad_w is None:
+                        # One chunk (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
+                        # gradient; a bf16 copy skips two (V, C) float32 passes here and two in backward.
+                        one_chunk = start + rows >= len(kept)
+                        grad_w = torch.mm(g.T, h) if one_chunk or dtype == acc else (g.T @ h).to(acc)
+                    elif dtype == acc:
                         grad_w.addmm_(g.T, h)
                     else:
                         grad_w += (g.T @ h).to(acc)
+            if need_w and grad_w is None:  # every target ignored
+                grad_w = torch.zeros_like(weight)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total

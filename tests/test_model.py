@@ -198,3 +198,22 @@ def test_linear_cross_entropy_under_bf16_autocast_and_with_a_frozen_head():
     (gx_frozen,) = torch.autograd.grad(linear_cross_entropy(x, w.detach(), None, t, chunk_rows=128), [x])
     (gx_full,) = torch.autograd.grad(linear_cross_entropy(x, w, None, t, chunk_rows=128), [x])
     torch.testing.assert_close(gx_frozen, gx_full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_rows", [512, 128])  # one chunk (its product is the gradient), or a float32 sum
+def test_linear_cross_entropy_with_bf16_weights(chunk_rows):
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(100, 32, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 100, (300,))
+    t[:20] = IGNORE_INDEX
+    loss = linear_cross_entropy(x, w, None, t, chunk_rows=chunk_rows)
+    gx, gw = torch.autograd.grad(loss * 0.37, [x, w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(x64 @ w64.T, t, reduction="sum")
+    ex, ew = torch.autograd.grad(expected * 0.37, [x64, w64])
+    assert loss.dtype == torch.float32 and gx.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=0)
+    # bf16 logits (8 bits of mantissa) feed the softmax: the gradients agree to bf16 rounding
+    torch.testing.assert_close(gx.double(), ex, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gw.double(), ew, rtol=3e-2, atol=3e-2)
