@@ -149,6 +149,9 @@ class GPT(nn.Module):
             masks = tuple(m if m is None else m & visible for m in masks)  # (B, 1, T, S)
 
         x = self.embed(idx)  # (B, T, n_embd)
+        # the tables in the dtype q and k will have, once per forward rather than in every layer
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = cos.to(dtype), sin.to(dtype)
         if self.config.scale_embeddings:
             # Gemma rounds the scale to the activation dtype before multiplying; so do we.
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
@@ -162,7 +165,7 @@ class GPT(nn.Module):
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
             bias = None if self.lm_head is None else self.lm_head.bias
             return linear_cross_entropy(x.flatten(0, -2), weight, bias, targets.flatten(), self.config.final_softcap)
-        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.final_softcap is not None:
             logits = softcap(logits, self.config.final_softcap)
         if targets is not None:  # a LoRA or quantised head: its own forward above, then the plain loss
@@ -295,7 +298,7 @@ class Attention(nn.Module):
         if self.qkv_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+            q, k, v = linear(x, self.qkv_weight, self.qkv_bias).split(
                 (n_head * hd, n_kv_head * hd, n_kv_head * hd), dim=-1)
         q, k, v = q.view(B, T, n_head, hd), k.view(B, T, n_kv_head, hd), v.view(B, T, n_kv_head, hd)
         if self.config.qk_norm:
@@ -478,7 +481,7 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         return self.down_proj(activation(self.config.activation, gate) * up)
 
 
@@ -514,9 +517,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype == torch.float32 and not self.offset:
-            # the lines below in one op (float32, no offset): a decode step calls two per layer
+            # x * rsqrt(mean(x^2) + eps) * weight in one op (a decode step calls two per layer)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        # in float32, as transformers does, and in one op: bitwise x * rsqrt(mean(x^2) + eps) on the CPU
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         if self.offset:
             # Gemma scales in fp32, then casts
             return (normed * (self.offset + self.weight.float())).to(x.dtype)
@@ -530,6 +534,24 @@ def make_norm(config: Config, dim: int) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(dim, eps=config.norm_eps)
     raise ValueError(f"Config.norm must be 'rmsnorm' or 'layernorm', got {config.norm!r}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a few rows (a decode step) times a weight stored column-major on the CPU
+    (generation.use_decode_layout): the CPU BLAS multiplies them on one thread while the other cores wait, so the
+    weight's columns are cut into one block per thread and bmm multiplies the blocks in parallel: on 2 cores 20
+    instead of 15 GB/s of weights over SmolLM2's matrices. The same dot products (to the last bit but for some
+    one-row products with a bias, which the BLAS adds in another kernel)."""
+    N, K = weight.shape
+    parts = torch.get_num_threads()
+    rows = x.numel() // K
+    if (weight.stride(0) != 1 or parts == 1 or N % parts or rows > 16 or x.device.type != "cpu"
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x, weight, bias)
+    blocks = weight.t().as_strided((parts, K, N // parts), (N // parts, weight.stride(1), 1))  # views, no copy
+    xs = x.reshape(1, rows, K).expand(parts, rows, K)
+    y = torch.bmm(xs, blocks) if bias is None else torch.baddbmm(bias.view(parts, 1, N // parts), xs, blocks)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], N)
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,19 @@ weight moves there alone just before it is quantised, so the float model never h
 The embedding, the output head and the MoE router stay in floating point (as transformers and QLoRA keep lm_head).
 """
 
-import bitsandbytes as bnb
+import logging
+
 import torch
 import torch.nn as nn
 
 from model import GPT, MLP, Attention, LoRALinear
+
+# On a CPU with AVX512-BF16, importing bitsandbytes (0.50) tries to fetch a 4-bit matmul kernel from the Hugging Face
+# hub through the optional `kernels` package and, without it, logs a warning. We never run code from a hub, and the
+# fallback is bitsandbytes' own kernel; the message would only be a stray line (before every one-line CLI error too).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "from kernels-community" not in record.getMessage())
+import bitsandbytes as bnb  # noqa: E402  (after the filter)
 
 # --quantize value -> (bitsandbytes 4-bit type, double quantisation); None = LLM.int8()
 MODES = {"bnb.nf4": ("nf4", False), "bnb.nf4-dq": ("nf4", True), "bnb.fp4": ("fp4", False),

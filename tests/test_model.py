@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from convert.families import config_to_hf
-from model import (GPT, IGNORE_INDEX, Config, LoRAConfig, add_lora, attention_masks, configs, linear_cross_entropy,
-                   softcapped_attention)
+from model import (GPT, IGNORE_INDEX, Config, LoRAConfig, add_lora, attention_masks, configs, linear,
+                   linear_cross_entropy, softcapped_attention)
 
 # Parameter counts of the released checkpoints, as the Hugging Face hub reports them for each repository's
 # safetensors files (tied embeddings counted once).
@@ -217,3 +217,28 @@ def test_linear_cross_entropy_with_bf16_weights(chunk_rows):
     # bf16 logits (8 bits of mantissa) feed the softmax: the gradients agree to bf16 rounding
     torch.testing.assert_close(gx.double(), ex, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(gw.double(), ew, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("threads", [2, 3])  # 3: 96 columns split in three; 100 do not, and take F.linear
+@pytest.mark.parametrize("rows", [1, 8, 20])  # 20: more than a decode step, F.linear
+def test_linear_splits_a_column_major_weight_across_threads(threads, rows, monkeypatch):
+    torch.manual_seed(0)
+    batched = []  # the calls of the split path
+    for name in ("bmm", "baddbmm"):
+        monkeypatch.setattr(torch, name, lambda *a, f=getattr(torch, name): batched.append(a[-1].shape) or f(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_features, bias in [(96, None), (96, torch.randn(96)), (100, torch.randn(100))]:
+            weight = torch.randn(64, out_features).t()  # column-major, as generation.use_decode_layout stores it
+            for x in (torch.randn(rows, 64), torch.randn(1, rows, 64)):
+                batched.clear()
+                with torch.inference_mode():
+                    y = linear(x, weight, bias)
+                split = rows <= 16 and out_features % threads == 0
+                assert batched == ([(threads, 64, out_features // threads)] if split else [])
+                # the same dot products; a 1-row product with a bias may round its last bit differently (the BLAS
+                # adds the bias in another kernel)
+                torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-6, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
