@@ -7,10 +7,10 @@
 
 The finetuning issue's setting: SmolLM2-135M-Instruct, Alpaca records (instruction + output, no input), micro =
 global batch 4, LoRA r 8 on the query and value projections (alpha 16, dropout 0.05), fp32 (or `--precision
-bf16-true`), 2 threads. Every record
-has the same length (words drawn with a fixed seed), so every step holds the same number of tokens in both
-implementations whatever order they shuffle the records in. Ours is finetune_lora.py / finetune_full.py, LitGPT's
-is `litgpt finetune_lora` / `litgpt finetune_full` from .venv-peers, each in its own process, one after the other.
+bf16-true`), 2 threads. Every record has the same length (words drawn with a fixed seed), so every step holds the
+same number of tokens in both implementations whatever order they shuffle the records in. Ours is finetune_lora.py /
+finetune_full.py, LitGPT's is `litgpt finetune_lora` / `litgpt finetune_full` from .venv-peers, each in its own
+process, one after the other.
 s/step: the mean over the last `--window` steps, evaluation and checkpointing excluded (ours: its tokens/s over the
 last 10 steps, from metrics.csv; LitGPT: its printed per-iteration time, one iteration = one step here).
 LitGPT needs its own checkpoint: the transformers copy of the model is converted once into .cache/bench-finetune.
