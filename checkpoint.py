@@ -11,10 +11,12 @@ Writes go to a temporary sibling directory that is renamed into place once compl
 process never leaves a half-written checkpoint under the final name.
 """
 
+import glob
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -133,26 +135,118 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 @contextmanager
 def atomic_directory(out_dir: Path):
     """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir, on error it
-    disappears and out_dir is untouched."""
+    disappears and out_dir is untouched.
+
+    An existing out_dir is replaced in two renames, out_dir -> .NAME.old-PID and tmp -> out_dir, then the old one
+    is removed. A process killed between the two renames leaves no out_dir, only .NAME.old-PID: the next
+    atomic_directory(out_dir) renames it back first (and remove_stale_temporaries, which training scripts run on
+    resume, does it for a whole run directory), so a kill never loses the previous contents. One writer per
+    out_dir: only rank 0 writes checkpoints.
+    """
     out_dir = Path(out_dir)
+    check_writable_directory(out_dir)  # before anything is created or renamed
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    restore_replaced(out_dir)
+    tmp = make_temporary_sibling(out_dir)
+    old = None
     try:
         yield tmp
         for f in tmp.rglob("*"):  # flush file contents before the rename makes them visible
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
+            if os.path.lexists(old):  # left by an earlier process with our pid: stale, since out_dir exists
+                remove_tree(old)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and os.path.lexists(old) and not os.path.lexists(out_dir):  # the second rename failed: undo
+            os.rename(old, out_dir)
         raise
+    if old is not None:
+        # the new directory is in place: a failure or kill here leaves only a stale .old-PID beside it, which
+        # remove_stale_temporaries deletes
+        remove_tree(old)
+
+
+def make_temporary_sibling(out_dir: Path) -> Path:
+    """An empty directory .NAME.tmp-XXXXXXXX beside out_dir, made with the default permissions (the umask's), not
+    tempfile.mkdtemp's owner-only ones: a checkpoint or dataset that a team shares stays readable."""
+    while True:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # a name already taken (2^32 of them): draw another
+            continue
+
+
+def check_writable_directory(out_dir: Path) -> None:
+    """CheckpointError if out_dir, or the nearest of its parents that exists, is something other than a directory
+    (a file, or a link to one): replacing a user's file with a directory would lose it."""
+    for path in (out_dir, *out_dir.parents):
+        if os.path.lexists(path):
+            if not path.is_dir():
+                raise CheckpointError(f"{path}: exists and is not a directory; move it away or choose another "
+                                      "output directory")
+            return
+
+
+# The names atomic_directory gives its siblings of NAME: random characters (8 hex now, mkdtemp's 8 before), the pid
+TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-\w+")
+OLD_NAME = re.compile(r"\.(?P<name>.+)\.old-\d+")
+
+
+def restore_replaced(out_dir: Path) -> Path | None:
+    """If a writer was killed between atomic_directory's two renames (out_dir missing, .NAME.old-PID present), rename
+    the old directory back to out_dir and return it. Of several (one killed writer after another), the newest."""
+    if os.path.lexists(out_dir) or not out_dir.parent.is_dir():
+        return None
+    olds = [p for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*")
+            if p.is_dir() and OLD_NAME.fullmatch(p.name) and OLD_NAME.fullmatch(p.name)["name"] == out_dir.name]
+    if not olds:
+        return None
+    old = max(olds, key=lambda p: p.stat().st_mtime)
+    os.rename(old, out_dir)
+    return old
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Clean up after writers killed inside atomic_directory in out_dir (a run directory), and return what was removed.
+
+    First each .NAME.old-PID whose NAME is missing is renamed back to NAME (the previous contents, see
+    atomic_directory). Then every remaining .NAME.old-PID (NAME exists: a kill while deleting the old one) and every
+    .NAME.tmp-XXXXXXXX (a half-written checkpoint, e.g. .step-00001000.tmp-ab12cd34 or .final.tmp-...) directory
+    is deleted. Only direct children that are directories with exactly these names are touched. Call it on rank 0
+    only, before the run writes anything, and never while another process writes into out_dir: its temporaries
+    would look stale.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    for path in sorted(out_dir.iterdir()):
+        match = OLD_NAME.fullmatch(path.name)
+        if match and path.is_dir():  # is_dir: False once an earlier restore has renamed it
+            restore_replaced(out_dir / match["name"])
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        # an .old may be the user's symlink that out_dir/NAME was (its target is not ours to delete), a .tmp never is
+        if (OLD_NAME.fullmatch(path.name) and path.is_dir()
+                or TMP_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink()):
+            remove_tree(path)
+            removed.append(path)
+    return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory we own; a symlink only as a link (an out_dir may have been a link to the user's data)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)  # best effort: what is left is found again by the next cleanup
 
 
 def save_lora(out_dir: str | Path, lora_config: LoRAConfig, state_dict: dict[str, torch.Tensor],

@@ -12,8 +12,9 @@ from checkpoint import CheckpointError
 def find_files(inputs: str | list[str], pattern: str = "*", exclude: list[str] = ()) -> list[Path]:
     """Files named directly, plus those under directories that match pattern and have no folder named in
     exclude on their way down (e.g. site-packages, test), in a stable order."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)  # one path, not its characters
     files = []
-    for path in map(Path, [inputs] if isinstance(inputs, (str, Path)) else inputs):
+    for path in map(Path, inputs):
         if path.is_dir():
             files.extend(sorted(p for p in path.rglob(pattern) if p.is_file()
                                 and not set(p.relative_to(path).parts[:-1]) & set(exclude)))
@@ -22,7 +23,7 @@ def find_files(inputs: str | list[str], pattern: str = "*", exclude: list[str] =
         else:
             raise CheckpointError(f"{path}: no such file or directory")
     if not files:
-        raise CheckpointError(f"no input files found in {[str(p) for p in inputs]} matching {pattern!r}")
+        raise CheckpointError(f"no input files found in {', '.join(map(str, inputs))} matching {pattern!r}")
     return files
 
 

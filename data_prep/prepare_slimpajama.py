@@ -34,10 +34,11 @@ def main(*, input_dir: Path, tokenizer_dir: Path, out_dir: Path = Path("data/sli
         fast_dev_run: a few files of each split, to try the pipeline in seconds.
     """
     start = time.perf_counter()
+    splits = {}
     for raw, split in (("train", "train"), ("validation", "val")):
         files = find_files(Path(input_dir) / raw, "*.jsonl.zst")
-        tokenize_to_chunks(files[:4] if fast_dev_run else files, tokenizer_dir, Path(out_dir) / split,
-                           workers=workers, keep_row=not_github)
+        splits[Path(out_dir) / split] = files[:4] if fast_dev_run else files
+    tokenize_to_chunks(splits, tokenizer_dir, workers=workers, keep_row=not_github)  # both splits or neither
     report(Path(out_dir) / "train", Path(out_dir) / "val", start=start)
 
 

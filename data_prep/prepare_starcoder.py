@@ -34,7 +34,7 @@ def main(*, input_dir: Path, tokenizer_dir: Path, out_dir: Path = Path("data/sta
     """
     start = time.perf_counter()
     files = find_files(Path(input_dir), "*.parquet")
-    tokenize_to_chunks(files[:4] if fast_dev_run else files, tokenizer_dir, Path(out_dir), text_field="content",
+    tokenize_to_chunks({Path(out_dir): files[:4] if fast_dev_run else files}, tokenizer_dir, text_field="content",
                        workers=workers)
     report(Path(out_dir), start=start)
 

@@ -14,6 +14,8 @@ import os
 import sys
 from argparse import ArgumentError
 import time
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
@@ -23,7 +25,7 @@ import torch
 from jsonargparse import CLI
 from litdata import TokensLoader, optimize
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, atomic_directory, check_writable_directory
 from data_prep.corpus import find_files, read_documents
 from tokenizer import Tokenizer
 
@@ -51,26 +53,47 @@ def main(*, inputs: str | list[str], tokenizer_dir: Path, out_dir: Path, pattern
     train, val = split_files(files, val_fraction)
     print(f"{len(files)} files: {len(train)} train, {len(val)} val")
     start = time.perf_counter()
-    for split, split_files_ in (("train", train), ("val", val)):
-        tokenize_to_chunks(split_files_, tokenizer_dir, out_dir / split, text_field, workers, chunk_bytes)
+    tokenize_to_chunks({out_dir / "train": train, out_dir / "val": val}, tokenizer_dir, text_field, workers,
+                       chunk_bytes)
     report(out_dir / "train", out_dir / "val", start=start)
 
 
-def tokenize_to_chunks(files: list[Path], tokenizer_dir: Path, out_dir: Path, text_field: str = "text",
+def tokenize_to_chunks(splits: dict[Path, list[Path]], tokenizer_dir: Path, text_field: str = "text",
                        workers: int = 2, chunk_bytes: str = "64MB", keep_row=None) -> None:
-    """Every document of files -> token chunks in out_dir, one worker process per share of the files."""
-    if not files:
+    """Every document of each split's files -> token chunks in the split's directory, one worker process per
+    share of the files. All or nothing: each directory is written under a temporary name, and they replace what
+    was there only once every split is complete and, together, they hold at least one document. A split with no
+    files is not written."""
+    splits = {Path(d): files for d, files in splits.items() if files}
+    for out_dir in splits:
+        check_writable_directory(out_dir)  # now, not after tokenizing the splits before it
+    if not splits:
         return
     tokenizer = Tokenizer(tokenizer_dir)  # fail here, not in a worker, if the tokenizer is bad
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise CheckpointError(f"{tokenizer_dir}: the tokenizer needs bos and eos tokens to separate documents")
-    workers = min(workers, len(files))
-    # the cores shared out between the workers: each worker's encoder threads on top of the other workers'
-    # oversubscribe the machine (2 workers x 2 threads on 2 cores: 575-625k tokens/s, x 1 thread: 650-750k)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    optimize(fn=TokenizeFile(tokenizer_dir, text_field, keep_row, threads), inputs=[str(f) for f in files],
-             output_dir=str(out_dir), num_workers=workers, chunk_bytes=chunk_bytes,
-             item_loader=TokensLoader(), mode="overwrite", start_method="fork")
+    with ExitStack() as stack:  # an error anywhere inside discards every split's temporary directory
+        written = {}
+        for out_dir, files in splits.items():
+            tmp = written[out_dir] = stack.enter_context(atomic_directory(out_dir))
+            split_workers = min(workers, len(files))
+            # the cores shared out between the workers: each worker's encoder threads on top of the other workers'
+            # oversubscribe the machine (2 workers x 2 threads on 2 cores: 575-625k tokens/s, x 1 thread: 650-750k)
+            threads = max(1, (os.cpu_count() or 1) // split_workers)
+            optimize(fn=TokenizeFile(tokenizer_dir, text_field, keep_row, threads), inputs=[str(f) for f in files],
+                     output_dir=str(tmp), num_workers=split_workers, chunk_bytes=chunk_bytes,
+                     item_loader=TokensLoader(), mode="overwrite", start_method="fork")
+        # the workers skip what they cannot read (not UTF-8) with a warning: no documents at all is an error here,
+        # or an empty dataset would replace a good one and pretraining would find nothing in it
+        documents = {out_dir: count(tmp)[0] for out_dir, tmp in written.items()}
+        if not any(documents.values()):
+            files = [f for split_files_ in splits.values() for f in split_files_]
+            what = f"{files[0]} holds" if len(files) == 1 else f"the {len(files)} input files ({files[0]}, ...) hold"
+            raise CheckpointError(f"no documents: {what} no text that is UTF-8 and not filtered out; nothing "
+                                  f"replaced in {', '.join(map(str, splits))}")
+        for out_dir in (d for d, n in documents.items() if n == 0):  # e.g. val drew only unreadable files
+            warnings.warn(f"{out_dir}: no documents: its {len(splits[out_dir])} input file(s) hold no text that is "
+                          "UTF-8 and not filtered out", stacklevel=2)
 
 
 def report(*chunk_dirs: Path, start: float) -> None:

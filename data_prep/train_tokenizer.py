@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from jsonargparse import CLI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from checkpoint import CheckpointError, atomic_directory
+from checkpoint import CheckpointError, atomic_directory, check_writable_directory
 from data_prep.corpus import find_files, iter_documents
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -35,6 +35,7 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
         text_field: the JSONL field that holds the text.
         max_files: use at most this many files (quick experiments).
     """
+    check_writable_directory(out_dir)  # now, not after the training
     files = find_files(inputs, pattern, exclude)[:max_files]
     tokenizer = Tokenizer(models.BPE())
     # Byte-level: every byte is in the alphabet, so no text is ever unknown
@@ -42,7 +43,17 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(iter_documents(files, text_field), trainer=trainer)
+    n_documents = 0
+
+    def counted(documents):
+        nonlocal n_documents
+        for n_documents, text in enumerate(documents, 1):
+            yield text
+
+    tokenizer.train_from_iterator(counted(iter_documents(files, text_field)), trainer=trainer)
+    if n_documents == 0:  # every file empty or skipped: a tokenizer of bytes alone must not replace a trained one
+        what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} input files are"
+        raise CheckpointError(f"no text to train on: {what} empty or not UTF-8; {out_dir} is left as it was")
     bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     # Every encoding starts with bos, as Llama's tokenizer does: prompts then look like training documents
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
