@@ -8,10 +8,12 @@
     python evaluate.py --checkpoint_dir DIR --tasks hellaswag,arc_easy --device cuda --precision bf16-true --out r.json
     HF_DATASETS_OFFLINE=1 python evaluate.py --checkpoint_dir DIR --tasks my_task --include_path my_tasks/ --limit 50
 
-Perplexity: each document (a text file, a JSONL line, or one bos ... eos run of a chunk directory, as
-data_prep/prepare_text.py writes them) is scored on its own, in windows of --max_seq_length tokens that advance by
---stride: every token but the first is predicted once, with at least max_seq_length - stride tokens of context
-when the document has them. Prints {"loss": mean token NLL, "perplexity": exp(loss), "tokens": n, ...} as JSON.
+Perplexity: each document is scored on its own: a text file or a JSONL line as the model's tokenizer encodes it
+(its own bos, if it adds one, and no eos: transformers' exp(model(ids, labels=ids).loss) with
+ids = tokenizer(text).input_ids), and one bos ... eos run of a chunk directory as data_prep/prepare_text.py wrote it.
+Windows of --max_seq_length tokens advance by --stride: every token but the first is predicted once, with at least
+max_seq_length - stride tokens of context when the document has them.
+Prints {"loss": mean token NLL, "perplexity": exp(loss), "tokens": n, ...} as JSON.
 Tasks: lm-eval's results JSON goes to --out and its table to stdout. A task over local files
 (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`) in an --include_path YAML runs offline.
 Several checkpoints print one table row each; --out then maps each checkpoint to its result.
@@ -31,11 +33,14 @@ from tqdm import tqdm
 from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_model
 from data_prep.corpus import find_files, read_documents
 from generation import generate
-from model import GPT
+from model import GPT, IGNORE_INDEX
 from tokenizer import Tokenizer
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 LIST_FLAGS = ("--checkpoint_dir", "--data")  # flags that take several values, as a shell glob gives them
+# Positions that go through the output head at once when scoring (as model.token_logprobs): the whole (B, T, vocab)
+# logits would take 34 GB in float32 for a 128k vocabulary at batch 8 x 8192
+HEAD_ROWS = 256
 
 
 def main(
@@ -130,15 +135,18 @@ def find_checkpoints(paths: list[Path]) -> list[Path]:
 
 
 def load_documents(paths: list[Path], tokenizer: Tokenizer) -> list[torch.Tensor]:
-    """The token ids of every document, delimited as data_prep/prepare_text.py writes them: bos + text + eos."""
+    """The token ids of every document: a chunk directory's bos + text + eos runs as data_prep/prepare_text.py wrote
+    them, and a text as the tokenizer encodes it."""
     documents = []
     for path in paths:
         if (path / "index.json").is_file():
             documents += split_documents(read_chunks(path), tokenizer.bos_id, tokenizer.eos_id)
             continue
+        # The tokenizer's own encoding, as transformers' tokenizer(text): what users compare a perplexity against.
+        # Not bos + text + eos: a tokenizer may add no bos (Qwen2.5), and an instruct model's bos and eos are chat
+        # tokens (SmolLM2-Instruct's <|im_start|> and <|im_end|>) that a plain text never holds.
         for file in find_files(path):
-            documents += [torch.tensor(tokenizer.encode(text, bos=True, eos=True), dtype=torch.long)
-                          for text in read_documents(file)]
+            documents += [torch.tensor(tokenizer.encode(text), dtype=torch.long) for text in read_documents(file)]
     return documents
 
 
@@ -180,12 +188,15 @@ def perplexity(model: GPT, documents: list[torch.Tensor], max_seq_length: int, s
     nll, n_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch"):
         batch = windows[i:i + batch_size]
-        logits = model(right_pad([doc[start:end] for doc, start, end, _ in batch]).to(device))  # (B, T, vocab_size)
-        for row, (doc, start, end, n) in zip(logits, batch):
+        idx = right_pad([doc[start:end] for doc, start, end, _ in batch])  # (B, T)
+        targets = torch.full_like(idx, IGNORE_INDEX)  # the context and the padding are not scored
+        for row, (doc, start, end, n) in enumerate(batch):
             # the window's last n predictions, of the tokens end + 1 - n ... end
-            targets = doc[end + 1 - n:end + 1].to(device)
-            nll += F.cross_entropy(row[end - start - n:end - start].float(), targets, reduction="sum").double()
+            targets[row, end - start - n:end - start] = doc[end + 1 - n:end + 1]
             n_tokens += n
+        # through the chunked head (a few hundred positions at a time), never the whole (B, T, vocab_size) logits
+        logprobs = model(idx.to(device), targets=targets.to(device), per_token=True)  # (B, T), 0 where not scored
+        nll -= logprobs.sum(dtype=torch.float64)
     loss = nll.item() / n_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "documents": len(documents),
             "windows": len(windows)}
@@ -264,6 +275,10 @@ class GPTLM:
         self._device = model.embed.weight.device
 
     @property
+    def device(self) -> torch.device:  # lm-eval's LM has this property only from 0.4.12 on
+        return self._device
+
+    @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_id
 
@@ -272,8 +287,10 @@ class GPTLM:
         return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if add_special_tokens is None:  # the tokenizer's own special tokens, unless the text starts with bos
-            add_special_tokens = not (self.tokenizer.bos_token and string.startswith(self.tokenizer.bos_token))
+        # As HFLM.tok_encode (with its default add_bos_token=None): the tokenizer's own special tokens, unless the
+        # text starts with the prefix token's text (bos, or eos when there is no bos)
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.tokenizer.decode([self.prefix_token_id]))
         if add_special_tokens:
             return self.tokenizer.encode(string)
         return self.tokenizer.encode(string, bos=False, eos=False)
@@ -290,17 +307,37 @@ class GPTLM:
             for batch in collator.get_batched(n=self.batch_size):
                 # the model reads context + continuation but its last token, left-truncated to max_length
                 inputs = [(context + continuation)[-(self.max_length + 1):-1] for _, context, continuation in batch]
-                logits = self.model(right_pad(inputs).to(self.device))  # (B, T, vocab_size)
-                for row, inp, (_, _, continuation) in zip(logits, inputs, batch):
-                    target = torch.tensor(continuation, device=self.device)
-                    logprobs = F.log_softmax(row[len(inp) - len(target):len(inp)].float(), dim=-1)  # (len, vocab)
-                    results.append((logprobs.gather(1, target[:, None]).sum().item(),
-                                    bool((logprobs.argmax(dim=-1) == target).all())))
+                x = self.model.trunk(right_pad(inputs).to(self.device))  # (B, T, n_embd)
+                # Only the continuations' positions (each row's last len(continuation)) go through the head, HEAD_ROWS
+                # at a time: is_greedy needs each one's argmax, so the log-probabilities come from the same logits.
+                lengths = [len(continuation) for _, _, continuation in batch]
+                rows = torch.cat([torch.arange(len(inp) - n, len(inp)) + b * x.shape[1]
+                                  for b, (inp, n) in enumerate(zip(inputs, lengths))]).to(self.device)
+                targets = torch.tensor([t for _, _, continuation in batch for t in continuation], device=self.device)
+                x = x.flatten(0, 1)  # (B * T, n_embd)
+                logprobs, greedy = [], []
+                for start in range(0, max(len(rows), 1), HEAD_ROWS):  # once at least: empty continuations score 0
+                    logits = self.model.head(x[rows[start:start + HEAD_ROWS]])  # (<= HEAD_ROWS, vocab_size)
+                    # log_softmax in float32 at least, and the argmax of its result, as HFLM
+                    logp = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+                    chunk = targets[start:start + HEAD_ROWS]
+                    logprobs.append(logp.gather(1, chunk[:, None]).squeeze(1))
+                    greedy.append(logp.argmax(dim=-1) == chunk)
+                for lp, g in zip(torch.cat(logprobs).split(lengths), torch.cat(greedy).split(lengths)):
+                    results.append((lp.sum().item(), bool(g.all())))
                 bar.update(len(batch))
         return collator.get_original(results)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """log p(text) of whole texts, in disjoint windows of max_length predictions, each with full context."""
+        """log p(text) of whole texts, in disjoint windows of max_length predictions, each with full context.
+
+        Exactly as HFLM.loglikelihood_rolling (lm-eval 0.4.10 to 0.4.13): the text is tok_encode(text), the
+        tokenizer's own encoding, and get_rolling_token_windows puts prefix_token_id (bos, else eos) before it. So a
+        tokenizer that adds a bos (Llama, TinyLlama, ours from data_prep/train_tokenizer.py) has its first window read
+        [bos, bos, t1, ...] and the text's loglikelihood include log p(bos | bos); one that adds none (SmolLM2,
+        Qwen2.5) reads [bos, t1, ...] and scores the text's tokens only. We keep that quirk so that the harness's
+        word and byte perplexities equal what its HF backend reports for the same model.
+        """
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         windows, owner = [], []

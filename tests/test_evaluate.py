@@ -1,6 +1,8 @@
-"""evaluate.py: perplexity equals exp(mean token loss) computed independently, on text files and on the litdata
-chunks data_prep makes of them, with and without strided windows; lm-eval tasks through our LM class give what
-lm-eval's own HF backend gives on the same weights; a run's checkpoints as a table; bad input in one line."""
+"""evaluate.py: perplexity equals exp(mean token loss) computed independently, on text files (as the tokenizer
+encodes them) and on the litdata chunks data_prep makes of them (bos ... eos), with and without strided windows, and
+on the real SmolLM2 equals transformers' loss; scores come through the chunked head and equal the full logits';
+lm-eval tasks through our LM class give what lm-eval's own HF backend gives on the same weights; a run's checkpoints
+as a table; bad input in one line."""
 
 import json
 import math
@@ -72,9 +74,11 @@ def tiny(tmp_path_factory):
     return dict(root=root, corpus=corpus, long=root / "long.txt", run=run, ckpt=run / "final")
 
 
-def documents(tok: Tokenizer, corpus) -> list[list[int]]:
+def documents(tok: Tokenizer, corpus, **delimit) -> list[list[int]]:
+    """The corpus' documents as the tokenizer encodes them (the toy tokenizer adds a bos), or with bos=True, eos=True
+    as data_prep/prepare_text.py writes them into chunks."""
     texts = [(corpus / n).read_text() for n in SHORT_DOCS if SHORT_DOCS[n]] + JSONL_DOCS
-    return [tok.encode(t, bos=True, eos=True) for t in texts]
+    return [tok.encode(t, **delimit) for t in texts]
 
 
 def full_forward_loss(model, docs: list[list[int]]) -> tuple[float, int]:
@@ -117,7 +121,7 @@ def test_strided_perplexity_of_a_long_document(tiny, tmp_path, max_seq_length, s
     M = max_seq_length or BLOCK_SIZE
     S = stride or M // 2
     model = load_model(tiny["ckpt"]).eval()
-    ids = Tokenizer(tiny["ckpt"]).encode(LONG_DOC, bos=True, eos=True)
+    ids = Tokenizer(tiny["ckpt"]).encode(LONG_DOC)
     n = len(ids)
     assert n > 3 * BLOCK_SIZE
     nll = 0.0
@@ -141,14 +145,56 @@ def test_litdata_chunks_give_what_their_text_files_give(tiny, tmp_path):
     tok = Tokenizer(tiny["ckpt"])
     stream = evaluate.read_chunks(chunks / "train", block=7)
     assert torch.equal(stream, evaluate.read_chunks(chunks / "train", block=10**6))
-    expected = documents(tok, tiny["corpus"]) + [tok.encode(LONG_DOC, bos=True, eos=True)]
+    expected = documents(tok, tiny["corpus"], bos=True, eos=True) + [tok.encode(LONG_DOC, bos=True, eos=True)]
     assert sorted(d.tolist() for d in evaluate.split_documents(stream, tok.bos_id, tok.eos_id)) == sorted(expected)
 
+    # chunk documents keep their bos ... eos: the scores of those token lists, each text's eos included
     from_chunks = run_main(checkpoint_dir=tiny["ckpt"], data=chunks / "train", stride=20, out=tmp_path / "c.json")
+    delimited = evaluate.perplexity(load_model(tiny["ckpt"]).eval(), [torch.tensor(d) for d in expected],
+                                    BLOCK_SIZE, 20, batch_size=8)
+    assert (from_chunks["tokens"], from_chunks["documents"]) == (delimited["tokens"], len(expected))
+    assert from_chunks["loss"] == pytest.approx(delimited["loss"], rel=1e-9)
+    # the same texts as files: as the tokenizer encodes them, bos but no eos, so one token fewer each
     from_text = run_main(checkpoint_dir=tiny["ckpt"], data=[tiny["corpus"], tiny["long"]], stride=20,
                          out=tmp_path / "t.json")
-    assert (from_chunks["tokens"], from_chunks["documents"]) == (from_text["tokens"], from_text["documents"])
-    assert from_chunks["loss"] == pytest.approx(from_text["loss"], rel=1e-9)
+    assert from_text["documents"] == from_chunks["documents"]
+    assert from_text["tokens"] == from_chunks["tokens"] - from_chunks["documents"]
+
+
+def head_rows(model, monkeypatch) -> list[int]:
+    """A spy on model.head: the number of positions each call gives it."""
+    seen, head = [], model.head
+    monkeypatch.setattr(model, "head", lambda x: seen.append(x.shape[:-1].numel()) or head(x))
+    return seen
+
+
+def full_logits_perplexity(model, docs: list[torch.Tensor], max_seq_length: int, stride: int) -> tuple[float, int]:
+    """What evaluate.perplexity computed before it scored through the chunked head: each window's full
+    (T, vocab_size) logits, the cross entropy of its last n."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            for start, end, n in evaluate.strided_windows(len(doc), max_seq_length, stride):
+                logits = model(doc[None, start:end])[0]  # (T, vocab_size)
+                nll += F.cross_entropy(logits[-n:], doc[end + 1 - n:end + 1], reduction="sum").item()
+                count += n
+    return nll / count, count
+
+
+@pytest.mark.parametrize("max_seq_length,stride", [(BLOCK_SIZE, 32), (40, 15), (24, 1)])
+def test_perplexity_scores_through_the_chunked_head(tiny, monkeypatch, max_seq_length, stride):
+    """Only the scored positions reach the head, at most a chunk at a time (model.token_logprobs' 256 rows, as
+    evaluate.HEAD_ROWS), never a batch's whole (B, T, vocab_size) logits: in float64 the scores equal the full
+    logits' to rounding, over several windows per document and batches of mixed lengths."""
+    model = load_model(tiny["ckpt"], dtype=torch.float64).eval()
+    tok = Tokenizer(tiny["ckpt"])
+    docs = [torch.tensor(d) for d in documents(tok, tiny["corpus"]) + [tok.encode(LONG_DOC)]]
+    loss, count = full_logits_perplexity(model, docs, max_seq_length, stride)
+    seen = head_rows(model, monkeypatch)
+    result = evaluate.perplexity(model, docs, max_seq_length, stride, batch_size=8)
+    assert result["tokens"] == count and result["loss"] == pytest.approx(loss, rel=1e-12)
+    assert sum(seen) == count and max(seen) <= evaluate.HEAD_ROWS
+    assert result["windows"] > len(docs)  # the long document takes several windows
 
 
 def run_cli(*args, check=True):
@@ -312,6 +358,8 @@ def test_our_lm_class_scores_as_lm_evals_hf_backend(hf_pair, hf_reference):
     # run out of max_gen_toks (the free greedy continuations, uncut, tell which).
     tok = Tokenizer(hf_pair["ours"])
     assert len(tok.encode(LONG_DOC)) > 128
+    # the toy tokenizer adds a bos: the rolling scores (ours as the HF backend's) include log p(bos | bos)
+    assert tok.encode(ROLLING_DOCS[0])[0] == tok.bos_id == lm.prefix_token_id
     free = [tok.decode(generate(model, [tok.encode(s["arguments"][0][0])], 12, temperature=0)[0])
             for s in ours["samples"]["toy_gen"]]
     stopped = [any(u in text for u in UNTIL) for text in free]
@@ -334,3 +382,103 @@ def test_unknown_task_is_one_line(hf_pair):
                      hf_pair["tasks"], check=False)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "unknown task 'no_such_task'" in result.stderr, result.stderr
+
+
+def full_logits_loglikelihood(model, context: list[int], continuation: list[int], max_length: int):
+    """What GPTLM._loglikelihood_tokens computed before it scored through the chunked head: one request's full
+    logits, left-truncated as HFLM does."""
+    inp = (context + continuation)[-(max_length + 1):-1]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([inp]))[0, len(inp) - len(continuation):], dim=-1)
+    target = torch.tensor(continuation)
+    return logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(dim=-1) == target).all())
+
+
+def test_loglikelihood_tokens_score_only_the_continuations_through_the_head(tiny, monkeypatch):
+    """The trunk once per batch, then only the continuations' positions through the head, evaluate.HEAD_ROWS at a
+    time (5 here, so chunks split continuations and cross from one request to the next): in float64 the
+    log-likelihoods and is_greedy equal the full logits' ones, for continuations that are the model's greedy
+    choice and ones that are not, and for a context longer than max_length."""
+    model = load_model(tiny["ckpt"], dtype=torch.float64).eval()
+    tok = Tokenizer(tiny["ckpt"])
+    requests = []
+    for text in [q for q, _ in GEN_DOCS] + [LONG_DOC]:
+        context = tok.encode(text)
+        # greedy from the context the request's input keeps (its last max_length + 1 - 6 tokens), so is_greedy holds
+        greedy = generate(model, [context[-(BLOCK_SIZE + 1 - 6):]], 6, temperature=0)[0]
+        for continuation in [greedy, tok.encode(" blue", bos=False, eos=False),
+                             tok.encode(" jumps over the lazy dog", bos=False, eos=False)]:
+            requests.append(((text, None), context, continuation))
+    assert len(requests[-1][1]) > BLOCK_SIZE
+    expected = [full_logits_loglikelihood(model, c, x, BLOCK_SIZE) for _, c, x in requests]
+    assert any(g for _, g in expected) and not all(g for _, g in expected)
+
+    lm = evaluate.make_lm(model, tok, batch_size=4, max_length=BLOCK_SIZE)
+    monkeypatch.setattr(evaluate, "HEAD_ROWS", 5)
+    seen = head_rows(model, monkeypatch)
+    results = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in results] == [g for _, g in expected]
+    assert [ll for ll, _ in results] == pytest.approx([ll for ll, _ in expected], rel=1e-12)
+    assert sum(seen) == sum(len(x) for *_, x in requests) and max(seen) == 5
+
+
+def test_tok_encode_as_the_hf_backend_when_the_tokenizer_names_no_bos(hf_pair, tmp_path):
+    """lm-eval's prefix token is then eos, and HFLM.tok_encode encodes a text that starts with eos's text without
+    the tokenizer's special tokens (here the post-processor still adds <|bos|>, a token no longer named bos)."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf_dir, ours_dir = tmp_path / "hf", tmp_path / "ours"
+    shutil.copytree(hf_pair["hf"], hf_dir)
+    shutil.copytree(hf_pair["ours"], ours_dir)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    for d in (hf_dir, ours_dir):
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1)
+    tok = Tokenizer(ours_dir)
+    ours = evaluate.make_lm(load_model(ours_dir).eval(), tok, batch_size=1, max_length=128)
+    assert tok.bos_id is None and ours.prefix_token_id == theirs.prefix_token_id == tok.eos_id
+    texts = ["Snow is white.", "<|eos|>Snow is white.", "<|bos|>Snow is white.", ""]
+    assert [ours.tok_encode(t) for t in texts] == [theirs.tok_encode(t) for t in texts]
+    assert ours.tok_encode(texts[1]) != tok.encode(texts[1])  # the case: not the tokenizer's own encoding
+
+
+REAL_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+             "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.\n\n"
+             "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n")
+
+
+@pytest.mark.real_model
+def test_smollm2_text_scores_follow_its_tokenizer_as_transformers_and_lm_eval_do(smollm2_hf_dir, tmp_path):
+    """SmolLM2-135M-Instruct adds no bos, and its bos and eos are the chat tokens <|im_start|> and <|im_end|>. The
+    perplexity of a text file is transformers' exp(model(ids, labels=ids).loss) with ids = tokenizer(text).input_ids
+    (the standard definition), and lm-eval's rolling loglikelihood of the text through our LM class is what its HF
+    backend gives on the same weights, over several windows."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert import from_hf
+
+    ours_dir = from_hf.convert(smollm2_hf_dir, out_dir=tmp_path / "smollm2")
+    (tmp_path / "text.txt").write_text(REAL_TEXT)
+    result = run_main(checkpoint_dir=ours_dir, data=tmp_path / "text.txt", out=tmp_path / "r.json")
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([hf_tok(REAL_TEXT).input_ids])
+    assert hf_tok.bos_token == "<|im_start|>" and ids[0, 0] != hf_tok.bos_token_id  # no bos added
+    with torch.no_grad():
+        loss = hf_model(ids, labels=ids).loss.item()
+    assert result["tokens"] == ids.shape[1] - 1 and result["windows"] == 1
+    # 30 float32 layers summed in different orders: the logits differ by ~1e-5 (tests/test_real_model.py)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+    # windows of 32 tokens: the text (its first token conditioned on <|im_start|>) takes several
+    theirs = HFLM(pretrained=hf_model, tokenizer=hf_tok, device="cpu", batch_size=1, max_length=32)
+    ours = evaluate.make_lm(load_model(ours_dir).eval(), Tokenizer(ours_dir), batch_size=4, max_length=32)
+    assert ours.tok_encode(REAL_TEXT) == theirs.tok_encode(REAL_TEXT) == ids[0].tolist()
+    assert ours.prefix_token_id == theirs.prefix_token_id == hf_tok.bos_token_id
+    requests = [Instance("loglikelihood_rolling", {}, (REAL_TEXT,), 0)]
+    assert ours.loglikelihood_rolling(requests, disable_tqdm=True) == pytest.approx(
+        theirs.loglikelihood_rolling(requests, disable_tqdm=True), rel=1e-5)
