@@ -39,15 +39,16 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from checkpoint import (LORA_WEIGHTS, CheckpointError, load_config, load_model, load_state_dict, save_checkpoint,
-                        save_lora)
+from checkpoint import (LORA_WEIGHTS, CheckpointError, check_writable_directory, load_config, load_model,
+                        load_state_dict, save_checkpoint, save_lora)
 from generation import generate_tokens
-from model import GPT, Block, Config, LoRAConfig, add_lora, attention_masks, is_lora_key, softcap
+from model import GPT, Block, Config, LoRAConfig, add_lora, is_lora_key
 from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, find_resume_dir, gather_full_state, gather_trainable_state,
-                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
-                      prune_checkpoints, weights_dtype)
+from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state,
+                      gather_trainable_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
+                      make_strategy, precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks,
+                      weights_dtype)
 
 METRICS = ["step", "tokens", "train_loss", "ce_loss", "kd_loss", "val_loss", "val_kd", "lr", "tokens_per_sec",
            "on_policy"]
@@ -169,12 +170,13 @@ def setup(
         logger: csv (always written), plus tensorboard or wandb when named.
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
+    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
     # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
     run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, **precision_args(precision),
                       strategy=make_distill_strategy(strategy, devices, num_nodes),
                       loggers=make_loggers(logger, out_dir))
     fabric.launch()
@@ -251,6 +253,7 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
                  f"({trainable:,} trainable); teacher {teacher_config.name}: "
                  f"{'cached top-' + str(cache_topk) if cache_topk and needs_teacher else 'live' if teacher else 'none'}"
                  f"; {world} rank(s), {accum_steps} micro-batch(es) of {train.micro_batch_size} per rank and step")
+    seed_ranks(fabric, train.seed)  # the weights are made: from here on each rank draws its own dropout masks
     model = fabric.setup_module(Distiller(student, teacher, kd, vocab))
     raw_model = model.module  # unwrapped: parameter names without wrapper prefixes
     # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold. make_optimizer gets
@@ -259,9 +262,10 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
                                                        fabric.device))
 
     state = dict(step=0, tokens=0, train_time=0.0)
-    resume_dir = find_resume_dir(out_dir, resume)
+    resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
-        load_training_state(fabric, resume_dir, raw_model.student, optimizer, train_loader, state, lora is not None)
+        load_training_state(fabric, resume_dir, raw_model.student, optimizer, train_loader, state, lora is not None,
+                            train.seed)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
@@ -313,7 +317,7 @@ def fit(fabric, model, raw_model, optimizer, train_loader, val_loader, tokenizer
             raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
                                   "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
-            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+            clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -374,12 +378,12 @@ class Distiller(nn.Module):
         """input_ids, labels (B, T); values, indices (B, T, K): the teacher's cached top-K logits, if any.
         -> the CE and the KD divergence summed (not averaged) over the target positions; the caller normalises."""
         mask = labels != IGNORE_INDEX
-        h = hidden_states(self.student, input_ids)[mask]  # (N, n_embd): the target positions only
+        h = self.student.trunk(input_ids)[mask]  # (N, n_embd): the target positions only
         targets = labels[mask]  # (N,)
         h_teacher = None
         if self.has_kd and values is None and self.teacher is not None:  # (cached runs validate without a teacher)
             with torch.no_grad():
-                h_teacher = hidden_states(self.teacher, input_ids)[mask]  # (N, teacher n_embd)
+                h_teacher = self.teacher.trunk(input_ids)[mask]  # (N, teacher n_embd)
         values, indices = (values[mask], indices[mask]) if values is not None else (None, None)  # (N, K)
         zero = h.float().sum() * 0.0  # keeps the graph connected when a micro-batch has no target at all
         ce_sum, kd_sum = zero, zero.detach()
@@ -404,39 +408,12 @@ class Distiller(nn.Module):
         return self
 
 
-def hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """GPT.forward without KV cache or padding, stopped after the final norm: (B, T) -> (B, T, n_embd).
-    Kept in step with model.py by tests/test_distill.py (head(model, hidden_states(model, idx)) == model(idx))."""
-    B, T = idx.shape
-    if model.rope_cos.numel() == 0 or model.rope_cos.is_meta or model.rope_cos.device != idx.device:
-        model.init_rope_cache(idx.device)
-    if T > model.config.block_size:
-        raise ValueError(f"sequence length {T} exceeds block_size {model.config.block_size}")
-    pos = torch.arange(T, device=idx.device)
-    masks = attention_masks(model.config, pos, pos, explicit=False)
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (T, rope_n_elem)
-    x = model.embed(idx)  # (B, T, n_embd)
-    if model.config.scale_embeddings:
-        x = x * torch.tensor(model.config.n_embd**0.5, dtype=x.dtype)
-    for block in model.layers:
-        x = block(x, cos, sin, masks[block.attn.sliding_window is not None], None, T)
-    return model.norm(x)
-
-
-def head(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """The output head of GPT.forward: (..., n_embd) -> (..., vocab_size)."""
-    logits = F.linear(x, model.embed.weight) if model.lm_head is None else model.lm_head(x)
-    if model.config.final_softcap is not None:
-        logits = softcap(logits, model.config.final_softcap)
-    return logits
-
-
 def chunk_losses(distiller: Distiller, h: torch.Tensor, targets: torch.Tensor, h_teacher: torch.Tensor | None,
                  values: torch.Tensor | None, indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE and KD of n target positions: h (n, n_embd), targets (n,); the teacher as hidden states (n, C_t)
     or as its cached top-K logits, values and indices (n, K). Everything in fp32."""
     kd = distiller.kd
-    logits = head(distiller.student, h).float()  # (n, vocab_size)
+    logits = distiller.student.head(h).float()  # (n, vocab_size)
     ce = F.cross_entropy(logits, targets, reduction="sum")
     if not distiller.has_kd or (h_teacher is None and indices is None):
         return ce, ce.new_zeros(())
@@ -451,7 +428,7 @@ def chunk_losses(distiller: Distiller, h: torch.Tensor, targets: torch.Tensor, h
         student, teacher = logits.gather(-1, indices.long()), values.float()  # (n, K)
     else:
         with torch.no_grad():
-            teacher = head(distiller.teacher, h_teacher).float()
+            teacher = distiller.teacher.head(h_teacher).float()
         # vocab_size may be padded past the tokenizer differently in the two models: compare the shared ids
         student, teacher = logits[:, :distiller.vocab], teacher[:, :distiller.vocab]
     return ce, divergence(student / kd.temperature, teacher / kd.temperature, kd.divergence, kd.beta).sum()
@@ -630,7 +607,7 @@ def make_distill_strategy(name: str, devices: int | str, num_nodes: int):
     if name != "fsdp":
         return make_strategy(name, devices, num_nodes)
     from lightning.fabric.strategies import ModelParallelStrategy
-    # as training.make_strategy, with the Distiller's two models' Blocks as the shard groups
+    # as training.make_strategy, precision_args, with the Distiller's two models' Blocks as the shard groups
     per_node = devices if isinstance(devices, int) else max(torch.cuda.device_count(), 1)
     return ModelParallelStrategy(parallelize_fn=shard_distiller, data_parallel_size=per_node * num_nodes,
                                  tensor_parallel_size=1, save_distributed_checkpoint=False)
@@ -794,11 +771,11 @@ def build_teacher_cache(fabric, teacher: GPT, examples, n_examples: int, path: P
     index = 0
     while items := list(itertools.islice(examples, micro_batch_size)):
         batch = collate(items)
-        h = hidden_states(teacher, batch["input_ids"].to(fabric.device))  # (B, T, n_embd)
+        h = teacher.trunk(batch["input_ids"].to(fabric.device))  # (B, T, n_embd)
         B, T, C = h.shape
         flat = h.reshape(B * T, C)
         step = chunk_size or B * T  # the logits of a chunk of positions at a time, as in training
-        topk = [head(teacher, flat[s:s + step]).float()[:, :vocab].topk(K, dim=-1) for s in range(0, B * T, step)]
+        topk = [teacher.head(flat[s:s + step]).float()[:, :vocab].topk(K, dim=-1) for s in range(0, B * T, step)]
         values = torch.cat([t.values for t in topk]).view(B, T, K).cpu()
         indices = torch.cat([t.indices for t in topk]).view(B, T, K).int().cpu()
         for b, item in enumerate(items):
@@ -855,10 +832,9 @@ class Saver:
         gather = gather_trainable_state if self.lora is not None else gather_full_state
         model_state, optim_state = gather(student, optimizer, with_optimizer=with_state)
         loader_state = train_loader.state_dict() if with_state else None
+        rng = rng_states(self.fabric)  # a collective: every rank
         if self.fabric.global_rank == 0:
-            device = self.fabric.device
-            train_state = dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(),
-                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, **state)
+            train_state = dict(optimizer=optim_state, train_loader=loader_state, **rng, **state)
             train_state = train_state if with_state else None
             metadata = dict(script=Path(__file__).name, step=state["step"],
                             args=json.dumps(self.run_args, default=str))
@@ -872,15 +848,13 @@ class Saver:
 
 
 def load_training_state(fabric, path: Path, student: GPT, optimizer, train_loader, state: dict,
-                        is_lora: bool) -> None:
+                        is_lora: bool, seed: int) -> None:
     saved = load_train_state(path)
     weights = path / (LORA_WEIGHTS if is_lora else "model.safetensors")
     # strict=False for an adapter: the base weights come from --student_dir, not from the step directory
     load_full_state(student, optimizer, load_state_dict(weights), saved["optimizer"], strict=not is_lora)
     train_loader.load_state_dict(saved["train_loader"])
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None and fabric.device.type == "cuda":
-        torch.cuda.set_rng_state(saved["cuda_rng"], fabric.device)
+    restore_rng_states(fabric, saved, seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
 
 

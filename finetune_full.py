@@ -28,16 +28,19 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_config, load_model, load_state_dict, save_checkpoint
+from checkpoint import (CheckpointError, check_writable_directory, load_config, load_model, load_state_dict,
+                        save_checkpoint)
 from generation import generate
-from model import Block
+from model import Block, router_aux_loss
 from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, find_resume_dir, gather_full_state, load_full_state, load_train_state,
-                      lr_at, make_loggers, make_optimizer, make_strategy, prune_checkpoints, weights_dtype)
+from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state, load_full_state,
+                      load_train_state, lr_at, make_loggers, make_optimizer, make_strategy, precision_args,
+                      prune_checkpoints, restore_rng_states, rng_states, seed_ranks, weights_dtype)
 
 
-METRICS = ["step", "epoch", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "sample"]
+METRICS = ["step", "epoch", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "router_aux_loss",
+           "sample"]
 
 
 @dataclass
@@ -113,12 +116,13 @@ def setup(
         logger: csv (always written), plus tensorboard or wandb when named.
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
+    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
     if fast_dev_run:
         train.epochs, train.max_steps = None, 4
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
     # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
     run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, **precision_args(precision),
                       strategy=make_strategy(strategy, devices, num_nodes), loggers=make_loggers(logger, out_dir))
     fabric.launch()
     main(fabric, checkpoint_dir=Path(checkpoint_dir), data=data, train=train, eval=eval, ckpt=checkpoint,
@@ -161,6 +165,7 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, preci
     fabric.print(f"{config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, all trained; "
                  f"{world} rank(s), {accum_steps} micro-batch(es) of {train.micro_batch_size} per rank and step, "
                  f"{max_steps} steps ({sampler.steps_per_epoch} per epoch)")
+    seed_ranks(fabric, train.seed)  # the weights are made: from here on each rank draws its own dropout masks
     model = fabric.setup_module(model)
     raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
     # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
@@ -168,7 +173,7 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, preci
                                                        fabric.device))
 
     state = dict(step=0, tokens=0, train_time=0.0)
-    resume_dir = find_resume_dir(out_dir, resume)
+    resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
         load_training_state(fabric, resume_dir, raw_model, optimizer, sampler, state)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
@@ -196,12 +201,13 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
             group["lr"] = lr
         step_start = time.perf_counter()
         examples = [[train_set[i] for i in ids] for ids in sampler.next_step()]
-        train_loss = step_loss(fabric, model, [collate(e, train_set.pad_id) for e in examples])
+        train_loss, aux_loss = step_loss(fabric, model, [collate(e, train_set.pad_id) for e in examples],
+                                         raw_model.config.router_aux_loss_coef)
         if not math.isfinite(train_loss):
             raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
                                   "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
-            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+            clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -216,7 +222,7 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
         # tokens over the elapsed training time of the last steps
         tokens_per_sec = sum(t for t, _ in recent) / sum(s for _, s in recent)
         row = dict(step=step, epoch=round(sampler.epochs_done, 4), tokens=state["tokens"], train_loss=train_loss,
-                   val_loss=None, lr=lr, tokens_per_sec=tokens_per_sec, sample=None)
+                   val_loss=None, lr=lr, tokens_per_sec=tokens_per_sec, router_aux_loss=aux_loss, sample=None)
         if step % eval.interval == 0 or last_step:
             if len(val_set):
                 row["val_loss"] = validate(fabric, model, val_set, train.micro_batch_size, eval.max_batches)
@@ -236,12 +242,13 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
     progress.close()
 
 
-def step_loss(fabric, model, micro_batches: list[dict]) -> float:
+def step_loss(fabric, model, micro_batches: list[dict], aux_coef: float) -> tuple[float, float | None]:
     """Forward and backward over this rank's micro-batches of one optimizer step, leaving the step's gradient in
-    .grad. Returns the step's loss per target token over all ranks."""
+    .grad. Returns the step's loss per target token over all ranks, and an MoE model's load-balancing loss (the mean
+    over micro-batches and ranks; None for a dense model), which aux_coef times joins the gradient."""
     n_targets = fabric.all_reduce(torch.tensor(sum(count_targets(b) for b in micro_batches), device=fabric.device),
                                   reduce_op="sum").item()
-    loss_sum = torch.zeros((), device=fabric.device)
+    loss_sum, aux_sum = torch.zeros((), device=fabric.device), None
     for i, batch in enumerate(micro_batches):
         x, y = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
@@ -251,9 +258,14 @@ def step_loss(fabric, model, micro_batches: list[dict]) -> float:
             # rank, all-reduced above), so every target weighs the same, as in one big batch. x world size because
             # DDP and FSDP average the gradients of the ranks, and the step's loss is their sum.
             loss = model(x, targets=y) * fabric.world_size / n_targets  # targets = IGNORE_INDEX add nothing
-            fabric.backward(loss)
+            aux = router_aux_loss(model)  # per micro-batch, averaged over them here and over the ranks by DDP
+            if aux is not None:
+                aux = aux / len(micro_batches)
+                aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
+            fabric.backward(loss if aux is None else loss + aux_coef * aux)
         loss_sum += loss.detach()
-    return fabric.all_reduce(loss_sum, reduce_op="mean").item()
+    aux_mean = None if aux_sum is None else fabric.all_reduce(aux_sum, reduce_op="mean").item()
+    return fabric.all_reduce(loss_sum, reduce_op="mean").item(), aux_mean
 
 
 @torch.no_grad()
@@ -307,10 +319,9 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state
                         with_state: bool) -> None:
     """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
     model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
+    rng = rng_states(fabric)  # a collective: every rank
     if fabric.global_rank == 0:
-        train_state = dict(optimizer=optim_state, sampler=sampler.state_dict(), rng=torch.get_rng_state(),
-                           cuda_rng=torch.cuda.get_rng_state(fabric.device) if fabric.device.type == "cuda" else None,
-                           **state)
+        train_state = dict(optimizer=optim_state, sampler=sampler.state_dict(), **rng, **state)
         metadata = dict(script=Path(__file__).name, step=state["step"], args=json.dumps(run_args, default=str))
         save_checkpoint(path, config, model_state, checkpoint_dir, metadata=metadata,
                         train_state=train_state if with_state else None)
@@ -321,9 +332,7 @@ def load_training_state(fabric, path: Path, raw_model, optimizer, sampler, state
     saved = load_train_state(path)
     load_full_state(raw_model, optimizer, load_state_dict(path / "model.safetensors"), saved["optimizer"])
     sampler.load_state_dict(saved["sampler"])
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None and fabric.device.type == "cuda":
-        torch.cuda.set_rng_state(saved["cuda_rng"], fabric.device)
+    restore_rng_states(fabric, saved, sampler.seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
 
 

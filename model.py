@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import yaml
 
 
@@ -31,6 +32,7 @@ class Config:
     activation: str = "silu"  # "silu", "gelu" (exact erf) or "gelu_tanh" (tanh approximation)
     n_expert: int = 0  # experts per MoE layer
     n_expert_per_token: int = 0  # experts each token is routed to
+    router_aux_loss_coef: float = 0.001  # MoE training: weight of the load-balancing loss (transformers' default)
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm" (with bias)
     norm_eps: float = 1e-5  # epsilon inside every norm
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight); Gemma stores weight - 1
@@ -108,8 +110,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size).
+                targets: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size): the trunk, then the head.
 
         Without input_pos: a full causal forward over positions 0..T-1.
         With input_pos (T,), increasing: the cache slots of these tokens; keys and values go to the KV cache
@@ -122,7 +124,26 @@ class GPT(nn.Module):
         targets (B, T): instead of logits, return the sum of the cross entropies of the targets (fp32 scalar;
         positions whose target is -100 left out), computed a chunk of positions at a time without ever holding
         the (B, T, vocab_size) logits (see linear_cross_entropy). Callers divide by their own token count.
+        per_token (with targets): return each target's log-probability instead, (B, T) in fp32, 0 where the target
+        is -100, also a chunk at a time (token_logprobs). Here in forward, not beside it, so that under FSDP the
+        head's weight is gathered and under DDP it is seen used.
         """
+        x = self.trunk(idx, input_pos, pad, last_only)
+        if targets is not None and per_token:
+            return self.token_logprobs(x, targets)
+        if targets is not None and (self.lm_head is None or type(self.lm_head) is nn.Linear):
+            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            bias = None if self.lm_head is None else self.lm_head.bias
+            return linear_cross_entropy(x.flatten(0, -2), weight, bias, targets.flatten(), self.config.final_softcap)
+        logits = self.head(x)
+        if targets is not None:  # a LoRA or quantised head: its own forward, then the plain loss
+            logits = logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32))
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits
+
+    def trunk(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, pad: torch.Tensor | None = None,
+              last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) -> the final norm's output (B, T, n_embd), what the head reads (arguments as in forward)."""
         B, T = idx.shape
         if self.rope_cos.numel() == 0 or self.rope_cos.is_meta or self.rope_cos.device != idx.device:
             self.init_rope_cache(idx.device)
@@ -159,19 +180,39 @@ class GPT(nn.Module):
             x = block(x, cos, sin, masks[block.attn.sliding_window is not None], input_pos, len(k_pos))
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if targets is not None and (self.lm_head is None or type(self.lm_head) is nn.Linear):
-            # Here inside forward, so that FSDP has gathered the head's weight and DDP sees it used.
-            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            bias = None if self.lm_head is None else self.lm_head.bias
-            return linear_cross_entropy(x.flatten(0, -2), weight, bias, targets.flatten(), self.config.final_softcap)
+        return self.norm(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_embd) -> logits (..., vocab_size): the output head (tied or not), then Gemma 2's softcap."""
         logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.final_softcap is not None:
             logits = softcap(logits, self.config.final_softcap)
-        if targets is not None:  # a LoRA or quantised head: its own forward above, then the plain loss
-            logits = logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32))
-            return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return logits
+
+    def token_logprobs(self, x: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+        """log p(targets) under the head, (B, T) float32 from the trunk's output x (B, T, n_embd); 0 where the target
+        is IGNORE_INDEX. chunk_rows positions at a time, each chunk's logits recomputed in the backward pass
+        (activation checkpointing), so neither pass holds more than one chunk's (chunk_rows, vocab_size) logits:
+        what preference losses and scoring need, with the gradient, without (B, T, vocab) in memory."""
+        flat_x, flat_t = x.flatten(0, -2), targets.flatten()
+        kept = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)
+        out = torch.zeros(flat_t.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        track = torch.is_grad_enabled()
+        for start in range(0, len(kept), chunk_rows):
+            rows = kept[start:start + chunk_rows]
+            if track:
+                lp = torch.utils.checkpoint.checkpoint(self._chunk_logprobs, flat_x[rows], flat_t[rows],
+                                                       use_reentrant=False)
+            else:
+                lp = self._chunk_logprobs(flat_x[rows], flat_t[rows])
+            out = out.index_put((rows,), lp)  # out of place: autograd routes each chunk's gradient back
+        return out.view(targets.shape)
+
+    def _chunk_logprobs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        # the softmax in float32 at least, as the fused loss does
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return logp.gather(1, targets[:, None]).squeeze(1)
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
         cos, sin = build_rope_cache(self.config, self.config.block_size, device)
@@ -403,7 +444,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_b += g.sum(0)
                 g = g.to(dtype)
                 if need_x:
-                    grad_x[index] = g @ w
+                    grad_x[index] = (g @ w).to(grad_x.dtype)  # bf16 products into float32 x under autocast
                 if need_w:
                     if grad_w is None:
                         # One chunk (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
@@ -493,6 +534,7 @@ class MoE(nn.Module):
         self.config = config
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.routing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last training forward's, see forward
 
     def forward(self, x):
         B, T, C = x.shape
@@ -500,6 +542,12 @@ class MoE(nn.Module):
         # Mixtral: softmax over all experts in fp32, keep the top k, renormalise them to sum to 1.
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
+        if self.training:
+            # What the load-balancing loss needs of this layer (router_aux_loss): per expert, the tokens routed to it
+            # (top-k slots counted) and the router probability it got, summed over the tokens; and the token count
+            counts = torch.zeros(self.config.n_expert, device=x.device).index_add_(
+                0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
+            self.routing = (counts, probs.sum(0), B * T)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         y = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -507,6 +555,21 @@ class MoE(nn.Module):
             if token.numel():
                 y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         return y.view(B, T, C)
+
+
+def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The load-balancing loss of the last training forward's MoE layers (Switch Transformer eq. 4-6, arXiv:2101.03961;
+    Mixtral's form): n_expert * sum_e f_e * P_e, with f_e the share of top-k slots routed to expert e and P_e its mean
+    router probability, both pooled over every MoE layer's tokens, as transformers' load_balancing_loss_func computes
+    them (tests/test_model.py). 1 * k when balanced; it grows as routing collapses onto few experts. Only P carries a
+    gradient. None when the model has no MoE layer. Training scripts add router_aux_loss_coef times it to the loss."""
+    stats = [m.routing for m in model.modules() if isinstance(m, MoE) and m.routing is not None]
+    if not stats:
+        return None
+    counts = sum(c for c, _, _ in stats)
+    prob_sums = sum(p for _, p, _ in stats)
+    rows = sum(n for _, _, n in stats)
+    return len(counts) * torch.sum((counts / rows) * (prob_sums / rows))
 
 
 class RMSNorm(nn.Module):
@@ -654,7 +717,9 @@ class LoRALinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias
         object.__setattr__(self, "base", None if type(base) is nn.Linear else base)  # bypass submodule registration
         w = base.weight
-        dtype = w.dtype if w.is_floating_point() else torch.float32  # adapters of a quantised base train in fp32
+        # The adapter trains in float32 whatever the base's dtype (bf16, or a quantised one), as PEFT's does: in bf16
+        # its small updates would round away (DoRA's magnitudes, near 1, would never move)
+        dtype = torch.promote_types(w.dtype, torch.float32) if w.is_floating_point() else torch.float32
         # A as nn.Linear and PEFT initialise it (kaiming uniform, a=sqrt(5)); B = 0, so at init the layer is the base
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -675,7 +740,11 @@ class LoRALinear(nn.Module):
         with torch.no_grad():  # "treating ||V + dV||_c as a constant, thereby detaching it from the gradient graph"
             norm = torch.linalg.norm(self.base_weight().to(A.dtype) + self.scaling * (B @ A), dim=1)
         g = self.lora_magnitude / norm  # (out_features,)
-        wx = y if self.bias is None else y - self.bias
+        if self.dropout and self.training:
+            # PEFT's DoRA: under dropout the magnitude's correction (g - 1) W x reads the dropped input too
+            wx = F.linear(h, self.base_weight().to(h.dtype))
+        else:
+            wx = y if self.bias is None else y - self.bias
         # = g * (W x + lora) + bias, written as PEFT does so that g = 1, B = 0 adds exact zeros to y
         return y + ((g - 1) * wx + g * lora).to(y.dtype)
 
@@ -824,7 +893,7 @@ configs = [
          n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, sliding_window=4096),
     dict(name="Mixtral-8x7B-v0.1", hf_model_type="mixtral", block_size=32768, vocab_size=32000, n_layer=32,
          n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, mlp="moe", n_expert=8,
-         n_expert_per_token=2, rope_base=1000000.0),
+         n_expert_per_token=2, rope_base=1000000.0, router_aux_loss_coef=0.02),
     # Qwen2.5 (the three smallest tie their embeddings and have a smaller padded vocabulary)
     dict(qwen25, name="Qwen2.5-0.5B", vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2,
          n_embd=896, intermediate_size=4864, tie_embeddings=True),

@@ -23,15 +23,15 @@ from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_config, load_state_dict, save_checkpoint
-from model import GPT, Block, Config
+from checkpoint import CheckpointError, check_writable_directory, load_config, load_state_dict, save_checkpoint
+from model import GPT, Block, Config, router_aux_loss
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StopSignal, device_peak_flops, find_resume_dir, flops_per_token_of,
+from training import (MetricsCSV, StopSignal, clip_gradients, device_peak_flops, find_resume_dir, flops_per_token_of,
                       gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
-                      make_strategy, prune_checkpoints)
+                      make_strategy, precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
 
-METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"]
+METRICS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "router_aux_loss"]
 
 
 @dataclass
@@ -116,24 +116,27 @@ def setup(
         activation_checkpointing: recompute each Block in the backward pass to save memory.
         compile: torch.compile the model.
         logger: csv (always written), plus tensorboard or wandb when named.
-        peak_flops: the device's peak FLOP/s for MFU; default: a table for GPUs, a matmul measured once on CPU.
+        peak_flops: the device's peak FLOP/s for MFU; default: a data-sheet table for GPUs; on a CPU the larger of a
+            measured matmul and the nominal cores x clock x FLOPs per cycle (training.device_peak_flops).
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
+    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, **precision_args(precision),
                       strategy=make_strategy(strategy, devices, num_nodes), loggers=make_loggers(logger, out_dir))
     fabric.launch()
     main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=out_dir,
          tokenizer_dir=tokenizer_dir, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
-         activation_checkpointing=activation_checkpointing, compile=compile, peak_flops=peak_flops)
+         activation_checkpointing=activation_checkpointing, compile=compile, precision=precision,
+         peak_flops=peak_flops)
     for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 
 def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, initial_checkpoint_dir, resume,
-         activation_checkpointing, compile, peak_flops):
+         activation_checkpointing, compile, precision, peak_flops):
     out_dir = Path(out_dir)
     if initial_checkpoint_dir is not None:
         config = load_config(initial_checkpoint_dir)
@@ -166,6 +169,7 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     fabric.print(f"{config.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {world} rank(s), "
                  f"{accum_steps} micro-batch(es) of {train.micro_batch_size} x {config.block_size} per rank and step")
+    seed_ranks(fabric, train.seed)  # the weights are made: from here on each rank draws its own dropout masks
     model = fabric.setup_module(model)
     raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
     # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
@@ -174,13 +178,15 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     forward = torch.compile(model) if compile else model
 
     state = dict(step=0, tokens=0, train_time=0.0)
-    resume_dir = find_resume_dir(out_dir, resume)
+    resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
-        load_training_state(fabric, resume_dir, raw_model, optimizer, train_loader, state)
+        load_training_state(fabric, resume_dir, raw_model, optimizer, train_loader, state, train.seed)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
     flops_per_token = flops_per_token_of(raw_model, config, config.block_size)
-    peak = peak_flops or device_peak_flops(fabric.device, fabric._precision)
+    peak, source = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(fabric.device, precision)
+    fabric.print(f"MFU against a peak of {peak / 1e12:,.3f} TFLOP/s per device ({source})" if peak
+                 else f"no MFU: {source}")
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
     finished = fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt,
                    out_dir, tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
@@ -204,7 +210,7 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=fabric.device)
+        loss_sum, aux_sum = torch.zeros((), device=fabric.device), None
         for micro in range(accum_steps):
             batch = next(train_iter)
             x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
@@ -212,14 +218,19 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
                 # Full blocks, every token a target: the mean per micro-batch divided by the number of
                 # micro-batches is the mean over the whole optimizer step.
                 loss = forward(x, targets=y) / y.numel() / accum_steps
-                fabric.backward(loss)
+                aux = router_aux_loss(raw_model)  # an MoE model's load-balancing loss; None for a dense one
+                if aux is not None:
+                    aux = aux / accum_steps
+                    aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
+                fabric.backward(loss if aux is None else loss + config.router_aux_loss_coef * aux)
             loss_sum += loss.detach()
         train_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item()
+        aux_loss = None if aux_sum is None else fabric.all_reduce(aux_sum, reduce_op="mean").item()
         if not math.isfinite(train_loss):
             raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
                                   "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
-            fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+            clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -231,7 +242,7 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
         # tokens over the elapsed training time of the last steps (not one step's timestamp)
         tokens_per_sec = sum(t for t, _ in recent) / sum(s for _, s in recent)
         row = dict(step=step, tokens=state["tokens"], train_loss=train_loss, val_loss=None, lr=lr,
-                   tokens_per_sec=tokens_per_sec,
+                   tokens_per_sec=tokens_per_sec, router_aux_loss=aux_loss,
                    mfu=tokens_per_sec * flops_per_token / (peak * fabric.world_size) if peak else None)
         if val_loader is not None and (step % eval.interval == 0 or last_step):
             row["val_loss"] = validate(fabric, forward, val_loader, eval.max_batches)
@@ -313,17 +324,18 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, 
     """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
     model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
     loader_state = train_loader.state_dict() if with_state else None
+    rng = rng_states(fabric)  # a collective: every rank
     if fabric.global_rank == 0:
-        train_state = dict(optimizer=optim_state, train_loader=loader_state, rng=torch.get_rng_state(), **state)
+        train_state = dict(optimizer=optim_state, train_loader=loader_state, **rng, **state)
         save_checkpoint(path, config, model_state, tokenizer_dir, train_state=train_state if with_state else None)
     fabric.barrier()
 
 
-def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state) -> None:
+def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state, seed: int) -> None:
     saved = load_train_state(path)
     load_full_state(raw_model, optimizer, load_state_dict(path / "model.safetensors"), saved["optimizer"])
     train_loader.load_state_dict(saved["train_loader"])
-    torch.set_rng_state(saved["rng"])
+    restore_rng_states(fabric, saved, seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
 
 

@@ -38,9 +38,12 @@ class Tokenizer:
         self.eos_id = self.token_to_id(self.eos_token)
 
         # Generation stops at any of these: generation_config.json may list several (Llama 3's <|eot_id|>)
-        eos_ids = generation.get("eos_token_id", [])
-        self.stop_ids = sorted({*(eos_ids if isinstance(eos_ids, list) else [eos_ids]),
-                                *([self.eos_id] if self.eos_id is not None else [])})
+        eos_ids = generation.get("eos_token_id")  # an id, a list of ids, or null / absent (none: the eos alone)
+        eos_ids = eos_ids if isinstance(eos_ids, list) else [] if eos_ids is None else [eos_ids]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+            raise CheckpointError(f"{checkpoint_dir / 'generation_config.json'}: eos_token_id must be a token id, a "
+                                  f"list of them or null, got {generation['eos_token_id']!r}")
+        self.stop_ids = sorted({*eos_ids, *([self.eos_id] if self.eos_id is not None else [])})
         self.chat_template = load_chat_template(checkpoint_dir, config)
 
     @property

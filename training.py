@@ -14,9 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from lightning.fabric.plugins.precision import HalfPrecision
 
-from checkpoint import CheckpointError
-from model import GPT, Config
+from checkpoint import CheckpointError, remove_stale_temporaries
+from model import GPT, Config, is_lora_key
+
+# Fabric precision -> the dtype a checkpoint's weights are loaded in: a "-true" half precision trains in that dtype;
+# 32-true and the mixed precisions keep float32 weights (autocast lowers the matmuls)
+PRECISIONS = {"32-true": torch.float32, "bf16-mixed": torch.float32, "16-mixed": torch.float32,
+              "bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -29,13 +35,139 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device: torch.device):
     """AdamW over the trainable parameters. No weight decay on norms, biases and embeddings: the 1-D
-    parameters and the embedding table."""
+    parameters and the embedding table. Half-precision weights (bf16-true, 16-true) get CompensatedAdamW, whose
+    updates are not lost to rounding; float32 ones torch's fused AdamW."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and not n.startswith("embed.")]
     no_decay = [p for n, p in named if p.dim() < 2 or n.startswith("embed.")]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    # fused: one kernel over all parameters; on a 2-core CPU the step of a 14M model takes 22 ms instead of 84
+    if any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named):
+        return CompensatedAdamW(groups, lr=lr, betas=tuple(betas))
+    # fused: one kernel over all parameters; many times faster than the per-tensor loop on a CPU
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type in ("cuda", "cpu"))
+
+
+class CompensatedAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 or fp16 weights that loses none of its small updates.
+
+    Plain AdamW on bf16 weights rounds each new weight to 8 bits of mantissa, so an update smaller than half a
+    rounding step (lr 2e-5 against a weight of 0.05 is 1/50 of one) vanishes, every step, and the weight never
+    moves: the "stale weights" of Gopher's appendix C.2. Here each weight has a compensation buffer in its own dtype
+    holding what rounding took from it (Kahan summation; Zamirai et al. 2020, arXiv:2010.06192; torch-optimi's
+    Kahan optimizers), added back to the next update, so small updates accumulate until they move the weight; it
+    starts as a draw within the weight's rounding cell (rounding_dither). The moments are float32, and the
+    arithmetic is torch.optim.AdamW's, in float32: on float32 weights the compensation is always zero and this is
+    AdamW to rounding (tests/test_precision.py). Why this and not the alternatives: a float32 master copy moves the
+    bf16 weights the same way but costs 4 bytes per weight against 2 here; stochastic rounding costs none but draws
+    random numbers at every step (an exact resume would have to restore that stream too) and is right only on
+    average, one weight at a time. Memory per weight: 2 (weight) + 2 (compensation) + 8 (moments) + 2 (gradient)
+    = 14 bytes, against 16 in float32."""
+
+    # Tensors are updated in buckets of at most this many values: the update holds float32 copies of a bucket's
+    # weights, gradients and denominators (12 bytes a value), never of the whole model at once
+    BUCKET_NUMEL = 2**26
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(step=torch.tensor(0.0), compensation=rounding_dither(p, len(self.state)),
+                                         exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+            step = self.state[params[0]]["step"].item()  # the group's parameters always step together
+            for bucket in buckets(params, self.BUCKET_NUMEL):
+                self._update(bucket, step, lr, beta1, beta2, eps, weight_decay)
+        return None
+
+    def _update(self, params: list, step: float, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> None:
+        """The update of some tensors of a group, each foreach op over all of them at once."""
+        states = [self.state[p] for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        compensations = [s["compensation"] for s in states]
+        # torch.optim.AdamW's arithmetic, in float32
+        grads = [p.grad.float() for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        del grads
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, math.sqrt(1 - beta2**step))
+        torch._foreach_add_(denoms, eps)
+        # the weights as AdamW would leave them, in float32: decay, the Adam step, then what rounding took from
+        # them in earlier steps; rounding to their dtype takes a little again, kept for the next step
+        weights = [p.to(torch.float32, copy=True) for p in params]
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+        torch._foreach_addcdiv_(weights, exp_avgs, denoms, value=-lr / (1 - beta1**step))
+        torch._foreach_add_(weights, compensations)
+        torch._foreach_copy_(params, weights)
+        torch._foreach_sub_(weights, params)
+        torch._foreach_copy_(compensations, weights)
+
+
+def rounding_dither(p: torch.Tensor, seed: int) -> torch.Tensor:
+    """A half-precision weight's starting compensation: a draw, uniform over the weight's rounding cell, of where in
+    it the exact weight lies. A bf16 weight stands for every value of its cell; starting all of them exactly on the
+    grid would hold every weight back until its updates add up to half a rounding step and then move them all in
+    the same step (on SmolLM2 at lr 2e-5 the loss fell in jumps and lagged float32's by several steps). From a draw,
+    a small update moves the share of weights it would move from float32 values, from the first step. Seeded per
+    tensor, so every rank of DDP draws the same; zero for float32 and for weights that are exactly 0."""
+    out = torch.zeros_like(p)
+    local = out.to_local() if hasattr(out, "to_local") else out  # FSDP2: this rank's shard
+    if p.dtype not in (torch.bfloat16, torch.float16) or local.numel() == 0:
+        return out
+    weights = (p.to_local() if hasattr(p, "to_local") else p).detach().float()
+    mantissa, exponent = torch.frexp(weights)  # weights = mantissa * 2**exponent, mantissa in [0.5, 1)
+    bits = 8 if p.dtype == torch.bfloat16 else 11  # significant bits, the implicit one included
+    cell = torch.ldexp(torch.ones_like(weights), exponent - bits)
+    generator = torch.Generator(device=local.device).manual_seed(seed)
+    draw = (torch.rand(weights.shape, generator=generator, device=local.device) - 0.5) * cell
+    local.copy_(draw.masked_fill_(weights == 0, 0.0))
+    return out
+
+
+def buckets(tensors: list, max_numel: int) -> list[list]:
+    """Consecutive runs of tensors of at most max_numel values together (a larger tensor alone)."""
+    runs, run, numel = [], [], 0
+    for t in tensors:
+        if run and numel + t.numel() > max_numel:
+            runs.append(run)
+            run, numel = [], 0
+        run.append(t)
+        numel += t.numel()
+    return runs + ([run] if run else [])
+
+
+class HalfPrecisionFloat32Adapters(HalfPrecision):
+    """Fabric's bf16-true / 16-true, except that trainable adapter parameters (LoRA A and B, DoRA magnitudes) stay
+    float32, as PEFT keeps them: in bf16 an adapter's small updates round away (DoRA's magnitudes, ~1 in size, never
+    moved at lr 5e-4) and the adapter is a few MB. Fabric's own plugin casts the whole module in setup_module."""
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        adapters = {p: p.data for n, p in module.named_parameters() if is_lora_key(n)}
+        module = module.to(dtype=self._desired_input_dtype)  # in place: the Parameter objects are kept
+        for p, data in adapters.items():
+            p.data = data
+        return module
+
+
+def precision_args(precision: str) -> dict:
+    """Fabric's precision keyword for a --precision: the string, or for a "-true" half precision our plugin."""
+    if precision not in PRECISIONS:
+        raise CheckpointError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision in ("bf16-true", "16-true"):
+        return dict(plugins=[HalfPrecisionFloat32Adapters(precision)])
+    return dict(precision=precision)
 
 
 def make_strategy(name: str, devices: int | str, num_nodes: int):
@@ -70,6 +202,17 @@ def make_loggers(name: str, out_dir: Path, project: str = "gptkit"):
         from lightning.pytorch.loggers import WandbLogger
         return [WandbLogger(save_dir=out_dir, project=project)]
     raise CheckpointError(f"--logger {name!r}: expected csv, tensorboard or wandb")
+
+
+def clip_gradients(fabric, model, optimizer, max_norm: float, step: int, out_dir: Path) -> None:
+    """Clip the gradients' norm to max_norm, and stop with a one-line error when it is not finite: a loss can be
+    finite while a gradient overflows (fp16, a too-large lr), and the optimizer step would then write NaN into every
+    weight. (Fabric's own check raises a RuntimeError with a traceback.)"""
+    norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    if not torch.isfinite(norm):
+        raise CheckpointError(f"the gradient norm is {norm.item()} at step {step} although the loss is finite; the "
+                              f"last good checkpoint in {out_dir} is kept (try a lower --train.lr)")
 
 
 class StopSignal:
@@ -152,9 +295,50 @@ def load_train_state(path: Path) -> dict:
     return torch.load(file, weights_only=True)  # our own format, read without unpickling code
 
 
-def find_resume_dir(out_dir: Path, resume: str | None) -> Path | None:
+def seed_ranks(fabric, seed: int) -> None:
+    """After the weights are made (the same on every rank, from seed_everything): each rank its own random stream from
+    here on, so LoRA dropout draws different masks on different ranks instead of the same mask world_size times. The
+    data order does not use this stream (StepSampler and litdata seed their own)."""
+    torch.manual_seed(seed + fabric.global_rank)  # seeds CUDA too
+
+
+def rng_states(fabric) -> dict:
+    """Every rank's random state, a row per rank (checkpoints are written by rank 0 alone), for restore_rng_states."""
+    def gather(state: torch.Tensor) -> torch.Tensor:
+        rows = fabric.all_gather(state.to(fabric.device))
+        return (rows if fabric.world_size > 1 else rows[None]).cpu()
+
+    cuda = fabric.device.type == "cuda"
+    return dict(rng=gather(torch.get_rng_state()),
+                cuda_rng=gather(torch.cuda.get_rng_state(fabric.device)) if cuda else None)
+
+
+def restore_rng_states(fabric, saved: dict, seed: int) -> None:
+    """Each rank continues its own saved stream. A checkpoint from another number of ranks has no stream for each
+    rank: they start fresh ones (seed_ranks), and say so. (A checkpoint from before per-rank states holds one state.)"""
+    rng, cuda_rng = saved["rng"], saved.get("cuda_rng")
+    rows = rng[None] if rng.dim() == 1 else rng
+    if len(rows) != fabric.world_size and not (rng.dim() == 1 and fabric.world_size == 1):
+        fabric.print(f"the checkpoint holds the random streams of {len(rows)} rank(s), this run has "
+                     f"{fabric.world_size}: dropout masks start fresh streams")
+        seed_ranks(fabric, seed)
+        return
+    # clone: a row is a view at an offset, and set_rng_state reads a view's storage from its start (torch 2.13
+    # crashes on one)
+    torch.set_rng_state(rows[fabric.global_rank].clone())
+    if cuda_rng is not None and fabric.device.type == "cuda":
+        cuda_rows = cuda_rng[None] if cuda_rng.dim() == 1 else cuda_rng
+        torch.cuda.set_rng_state(cuda_rows[fabric.global_rank].clone(), fabric.device)
+
+
+def find_resume_dir(fabric, out_dir: Path, resume: str | None) -> Path | None:
     """--resume auto: the newest complete step checkpoint (a half-written one still has its temporary name,
-    so it is never picked); --resume PATH: that one."""
+    so it is never picked); --resume PATH: that one. First, what a killed run left half-written in out_dir is
+    removed, and a checkpoint it was replacing when killed is put back (checkpoint.remove_stale_temporaries)."""
+    if fabric.global_rank == 0:
+        for path in remove_stale_temporaries(out_dir):
+            fabric.print(f"removed {path}: left half-written by a run that was stopped")
+    fabric.barrier()
     if resume is None:
         return None
     if resume != "auto":
@@ -180,32 +364,67 @@ def flops_per_token_of(model: GPT, config: Config, seq_len: int) -> float:
     return 6 * params + 12 * config.n_layer * config.n_embd * seq_len
 
 
-def device_peak_flops(device: torch.device, precision) -> float | None:
-    """The device's peak FLOP/s in the training precision: a table for GPUs, a measured matmul on CPU."""
-    low_precision = "bf16" in str(getattr(precision, "precision", "")) or "16" in type(precision).__name__
+# Dense tensor-core peaks (FLOP/s) from NVIDIA's data sheets, sparsity excluded: (bf16/fp16, tf32, plain fp32)
+GPU_PEAK_FLOPS = {"H200": (989e12, 495e12, 67e12), "H100 PCIe": (756e12, 378e12, 51e12),
+                  "H100": (989e12, 495e12, 67e12), "A100": (312e12, 156e12, 19.5e12),
+                  "L40S": (362e12, 183e12, 91.6e12), "4090": (165e12, 82.6e12, 82.6e12)}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """The device's peak FLOP/s for MFU in the training precision, and how it was found (logged once).
+
+    GPU: the data-sheet table, in the precision's rate (fp32 matmuls run at the TF32 rate when torch allows TF32,
+    as the scripts do with set_float32_matmul_precision("high")); an unlisted GPU has none (pass --peak_flops).
+    CPU: the larger of a measured 2048^3 matmul (best of several; the CPU's practical peak) and the nominal
+    cores x clock x FLOPs per cycle. A matmul timed while other work shares the cores measures too little, and MFU
+    came out above 1 in a busy start; the nominal figure is a floor that no busy moment lowers."""
+    half = precision.startswith(("bf16", "16"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-        peak = next((v for k, v in table.items() if k in name), None)
-        return peak if peak is None or low_precision else peak / 16  # tf32-less fp32 runs at about 1/16
-    if device.type == "cpu":
-        # The practical peak: the best of a few 2048^3 matmuls (BENCH.md's reference measurement)
-        a = torch.randn(2048, 2048, dtype=torch.bfloat16 if low_precision else torch.float32)
-        a @ a  # warm up
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - start)
-        return 2 * 2048**3 / best
-    return None
+        row = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        if row is None:
+            return None, f"{name}: not in training.GPU_PEAK_FLOPS; pass --peak_flops"
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        peak = row[0] if half else row[1] if tf32 else row[2]
+        return peak, f"{name} data sheet, {'bf16' if half else 'tf32' if tf32 else 'fp32'} dense"
+    if device.type != "cpu":
+        return None, f"{device.type}: no peak known; pass --peak_flops"
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16 if half else torch.float32)
+    a @ a  # warm up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    measured = 2 * 2048**3 / best
+    nominal, how = cpu_nominal_flops(half)
+    peak = max(measured, nominal)
+    return peak, f"CPU, max of a 2048^3 matmul ({measured / 1e9:,.0f} GFLOP/s) and nominal {how}"
+
+
+def cpu_nominal_flops(half: bool) -> tuple[float, str]:
+    """Threads x clock x FLOPs per cycle and core: two FMA units of 8 fp32 lanes (AVX2) or of 16 (AVX-512); bf16
+    doubles that where the CPU has AVX512-BF16. The clock is the one /proc/cpuinfo reports (a VM's base clock:
+    turbo runs faster, which the measured matmul catches)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 0.0, "(no /proc/cpuinfo)"
+    mhz = [float(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line.split(":")[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    if not mhz:
+        return 0.0, "(no clock in /proc/cpuinfo)"
+    per_cycle = 2 * 2 * (16 if "avx512f" in flags else 8 if "avx2" in flags else 4)
+    if half and "avx512_bf16" in flags:
+        per_cycle *= 2
+    threads = torch.get_num_threads()
+    flops = threads * max(mhz) * 1e6 * per_cycle
+    return flops, f"{flops / 1e9:,.0f} GFLOP/s = {threads} threads x {max(mhz):,.0f} MHz x {per_cycle} FLOPs/cycle"
 
 
 def weights_dtype(precision: str) -> torch.dtype:
-    """The dtype to load a checkpoint's weights in for a Fabric precision: a "-true" half precision trains in that
-    dtype; 32-true and the mixed precisions keep float32 weights (autocast lowers the matmuls)."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(precision,
-                                                                                                 torch.float32)
+    """The dtype to load a checkpoint's weights in for a Fabric precision (see PRECISIONS)."""
+    return PRECISIONS.get(precision, torch.float32)
 
 
 def gather_trainable_state(raw_model: nn.Module, optimizer, with_optimizer: bool) -> tuple[dict, dict | None]:

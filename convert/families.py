@@ -158,7 +158,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> Config:
     if t in ("mistral", "mixtral", "phi3"):
         kw.update(sliding_window=get("sliding_window"))
     if t == "mixtral":
-        kw.update(mlp="moe", n_expert=get("num_local_experts"), n_expert_per_token=get("num_experts_per_tok"))
+        kw.update(mlp="moe", n_expert=get("num_local_experts"), n_expert_per_token=get("num_experts_per_tok"),
+                  router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
     if t == "qwen2":
         kw.update(qkv_bias=True, attn_out_bias=False)  # Qwen2 hard-codes bias on q/k/v only
     if t in ("qwen2", "qwen3") and get("use_sliding_window"):
@@ -248,7 +249,8 @@ def config_to_hf(config: Config) -> dict:
         hf.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
                   max_window_layers=0)
     if t == "mixtral":
-        hf.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token)
+        hf.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token,
+                  router_aux_loss_coef=config.router_aux_loss_coef)
     if t == "gemma2":
         hf.update(query_pre_attn_scalar=config.query_pre_attn_scalar, attn_logit_softcapping=config.attn_softcap,
                   final_logit_softcapping=config.final_softcap, sliding_window=config.sliding_window)

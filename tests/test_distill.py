@@ -18,8 +18,9 @@ from torch.distributions import Categorical, kl_divergence
 from checkpoint import load_lora_model, load_model, save_checkpoint
 from conftest import ROOT
 from data_prep import prepare_text, train_tokenizer
-from distill import DIVERGENCES, Distiller, KDArgs, distill_loss, divergence, head, hidden_states
+from distill import DIVERGENCES, Distiller, KDArgs, distill_loss, divergence
 from model import GPT, Config
+from test_pretrain import block_ids, constant_block, launch_two_ranks
 
 VOCAB = 320  # the tiny tokenizer's size: 256 byte symbols, 2 specials and a few merges (as tests/test_pretrain.py)
 # Subprocess runs on tiny models: one thread each is fastest, and it keeps a shared 2-core machine usable
@@ -93,16 +94,6 @@ def test_loss_weights_and_temperature_squared():
         distill_loss(torch.tensor(0.0), kd_sum, KDArgs(alpha=0.0, temperature=T)).backward()
         bound = max(s.abs().max().item(), t.abs().max().item()) / T
         assert (s.grad - limit).abs().max() <= bound * limit.abs().max()
-
-
-def test_hidden_states_and_head_are_the_models_forward():
-    """distill.py calls the model's pieces so that the logits can be made a chunk at a time: they must be exactly
-    GPT.forward, including the options that touch its ends (tied head, softcap, scaled embeddings, sliding window)."""
-    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    for overrides in ({}, dict(tie_embeddings=True, final_softcap=5.0, scale_embeddings=True, sliding_window=8,
-                               norm_offset=1.0, post_block_norms=True)):
-        model = tiny(**overrides).eval()
-        assert torch.equal(head(model, hidden_states(model, idx)), model(idx))
 
 
 def distiller_batch(seed: int = 0, B: int = 3, T: int = 20):
@@ -367,9 +358,11 @@ def test_config_hub_yaml_parses(config):
 
 @pytest.mark.slow
 def test_two_fsdp_processes_match_one(tmp_path, setup_dir):
-    """2 CPU processes (gloo, FSDP2 over both models) with a micro-batch of 4 against 1 process accumulating 2 micro-
-    batches of 4. Every sample is the same block, so the batches are equal whatever rank reads what, and the losses
-    must agree to float tolerance (a wrong gradient average, accumulation scale or token count would not)."""
+    """The gradient average: 2 CPU processes (gloo, FSDP2 over both models) with a micro-batch of 4 against 1 process
+    accumulating 2 micro-batches of 4. Every sample is the same block, so the batches are equal whatever rank reads
+    what, and the losses must agree to float tolerance (a wrong gradient average, accumulation scale or token count
+    would not). That the ranks read different samples, which these identical blocks cannot show, is
+    test_two_ranks_read_different_samples."""
     from litdata import TokensLoader, optimize
     block = torch.randint(0, VOCAB, (33,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).int()
     optimize(fn=SameBlock(block), inputs=list(range(64)), output_dir=str(tmp_path / "same" / "chunks" / "train"),
@@ -381,6 +374,67 @@ def test_two_fsdp_processes_match_one(tmp_path, setup_dir):
     for column in ("ce_loss", "kd_loss"):
         ones = [float(r[column]) for r in read_metrics(tmp_path / "one")]
         assert [float(r[column]) for r in read_metrics(tmp_path / "two")] == pytest.approx(ones, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_read_different_samples(tmp_path):
+    """The half of test_two_fsdp_processes_match_one that its identical blocks cannot see: under a launched 2-process
+    Fabric (FSDP, as there), distill.py's train loaders give each rank its own samples: litdata chunks
+    (make_datasets, make_train_loader), the teacher's top-K cache (each rank caches a share in ensure_teacher_cache,
+    make_cached_loader reads it) and SFT examples (StepSampler). Sample i is [i] * T, so a micro-batch names its
+    samples; one epoch of the two ranks together is the data once, split in two."""
+    from litdata import TokensLoader, optimize
+    optimize(fn=constant_block, inputs=list(range(64)), output_dir=str(tmp_path / "train"), chunk_bytes="1MB",
+             item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
+    teacher = tiny()
+    save_checkpoint(tmp_path / "teacher", teacher.config, teacher.state_dict())
+    ranks = launch_two_ranks(distill_loader_ids, tmp_path, str(tmp_path))
+    for source in ("chunks", "cached", "sft"):
+        ids = [rank[source] for rank in ranks]
+        assert [len(i) for i in ids] == [32, 32], source  # 64 samples: 8 micro-batches of 4 per rank
+        assert set(ids[0]).isdisjoint(ids[1]), source
+        assert sorted(ids[0] + ids[1]) == list(range(64)), source
+
+
+def distill_loader_ids(root: str, out: str) -> None:
+    """One rank of test_two_ranks_read_different_samples, in its own process: the sample ids of one epoch of each of
+    distill.py's train loaders, written to `out` as JSON."""
+    import itertools
+
+    import lightning as L
+
+    from distill import (DataArgs, TrainArgs, ensure_teacher_cache, load_teacher, make_cached_loader, make_datasets,
+                         make_distill_strategy, make_train_loader)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=make_distill_strategy("fsdp", 2, 1))
+    fabric.launch()
+    root = Path(root)
+    config = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=32)
+    data = DataArgs(train_dirs=[str(root / "train")], val_dir=None, num_workers=1)
+    train = TrainArgs(global_batch_size=8, micro_batch_size=4)
+    train_set, _ = make_datasets(fabric, data, config, None, train)  # chunks: no tokenizer needed
+    ids = dict(chunks=block_ids(make_train_loader(fabric, train_set, data, train)))
+    cache_dirs = ensure_teacher_cache(fabric, lambda: load_teacher(fabric, root / "teacher", None, "32-true"),
+                                      train_set, data, config, root / "cache", K=4, vocab=VOCAB, train=train,
+                                      chunk_size=None, teacher_dir=root / "teacher", teacher_quantize=None)
+    cached = make_cached_loader(fabric, cache_dirs, data, train.micro_batch_size, train.seed)
+    ids["cached"] = block_ids(batch["input_ids"] for batch in cached)
+    sft = make_train_loader(fabric, NumberedExamples(64), DataArgs(format="sft"), train)
+    ids["sft"] = block_ids(batch["input_ids"] for batch in itertools.islice(sft, 64 // 8))  # an epoch of 8 steps
+    Path(out).write_text(json.dumps(ids))
+
+
+class NumberedExamples:
+    """SFT examples as sft_data.load_sft_data gives them, example i being [i] * 5."""
+    pad_id = 0
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.full((5,), i), "labels": torch.full((5,), i)}
 
 
 class SameBlock:

@@ -121,7 +121,8 @@ def test_step_loss_weighs_every_target_the_same_as_one_big_batch():
     torch.manual_seed(0)
     model = GPT(Config.from_name("tiny-test"))
     fabric = L.Fabric(accelerator="cpu", devices=1)
-    loss = finetune_full.step_loss(fabric, fabric.setup_module(model), [collate([a]), collate([b, c])])
+    loss, aux = finetune_full.step_loss(fabric, fabric.setup_module(model), [collate([a]), collate([b, c])], 0.1)
+    assert aux is None  # a dense model: no load-balancing loss
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
@@ -140,6 +141,35 @@ def test_step_loss_weighs_every_target_the_same_as_one_big_batch():
     per_micro = [F.cross_entropy(model(m["input_ids"]).flatten(0, 1), m["labels"].flatten(),
                                  ignore_index=IGNORE_INDEX) for m in (collate([a]), collate([b, c]))]
     assert abs((sum(per_micro) / 2).item() - expected.item()) > 0.01
+
+
+def test_step_loss_adds_an_moe_models_load_balancing_loss():
+    """An MoE model's step: the load-balancing loss (mean over micro-batches) is returned and aux_coef times it joins
+    the gradient, so the routers learn against collapse; the returned loss is still the cross entropy alone."""
+    import lightning as L
+
+    from model import router_aux_loss
+    a, b, c = example(12, 10, seed=1), example(20, 11, seed=2), example(7, 4, seed=3)
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-test", mlp="moe", n_expert=4, n_expert_per_token=2))
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    module = fabric.setup_module(model)
+    micro = [collate([a]), collate([b, c])]
+    loss_plain, aux = finetune_full.step_loss(fabric, module, micro, 0.0)
+    router_plain = model.layers[0].mlp.router.weight.grad.clone()
+    model.zero_grad()
+    loss_aux, aux_again = finetune_full.step_loss(fabric, module, micro, 0.5)
+    router_aux = model.layers[0].mlp.router.weight.grad.clone()
+    model.zero_grad()
+    assert loss_aux == loss_plain and aux == aux_again and aux >= 2.0 - 1e-6  # k = 2 when perfectly balanced
+    # the difference of the two gradients is 0.5 x the gradient of the mean load-balancing loss
+    expected = []
+    for m in micro:
+        model(m["input_ids"])
+        expected.append(router_aux_loss(model))
+    (grad,) = torch.autograd.grad(0.5 * sum(expected) / 2, model.layers[0].mlp.router.weight)
+    assert aux == pytest.approx((sum(expected) / 2).item(), rel=1e-6)
+    torch.testing.assert_close(router_aux - router_plain, grad, rtol=1e-4, atol=1e-7)
 
 
 def test_shared_helpers_are_identical_copies():

@@ -170,13 +170,15 @@ def test_scaling_and_dora_against_their_formulas_in_float64(variant):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_dora_equals_peft(use_rslora):
-    """The same weights in PEFT's DoRA layer give the same initial magnitude, outputs and gradients."""
+@pytest.mark.parametrize("use_rslora, dropout", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_dora_equals_peft(use_rslora, dropout):
+    """The same weights in PEFT's DoRA layer give the same initial magnitude, outputs and gradients; with dropout in
+    train mode too (the same seed draws the same mask in both; PEFT drops the magnitude correction's input too)."""
     peft = pytest.importorskip("peft")
-    layer, base = lora_layer(use_dora=True, use_rslora=use_rslora)
+    layer, base = lora_layer(use_dora=True, use_rslora=use_rslora, dropout=dropout)
     reference = peft.get_peft_model(torch.nn.Sequential(base), peft.LoraConfig(
-        r=4, lora_alpha=6.0, target_modules=["0"], use_dora=True, use_rslora=use_rslora, lora_dropout=0.0))
+        r=4, lora_alpha=6.0, target_modules=["0"], use_dora=True, use_rslora=use_rslora, lora_dropout=dropout))
+    layer.train(), reference.train()
     peft_layer = reference.base_model.model[0]
     fresh = LoRALinear(copy.deepcopy(base), LoRAConfig(r=4, alpha=6.0, use_dora=True))  # our m at init, same W
     torch.testing.assert_close(peft_layer.lora_magnitude_vector["default"].weight, fresh.lora_magnitude)
@@ -185,7 +187,10 @@ def test_dora_equals_peft(use_rslora):
         peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
         peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude)
     x = torch.randn(3, 5, 24, dtype=torch.float64)
-    ours, theirs = layer(x), reference(x)
+    torch.manual_seed(1)
+    ours = layer(x)
+    torch.manual_seed(1)
+    theirs = reference(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     ours_grads = torch.autograd.grad(ours.square().sum(), [layer.lora_A, layer.lora_B, layer.lora_magnitude])
     their_params = [peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight,

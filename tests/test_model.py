@@ -148,15 +148,21 @@ def test_forward_with_targets_is_the_summed_cross_entropy_with_the_same_gradient
     if overrides == "lora_head":  # not a plain Linear: the loss goes through the head's own forward
         add_lora(model, LoRAConfig(targets=("q", "lm_head")))
         for name, p in model.named_parameters():
-            if "lora_b" in name:
+            if "lora_B" in name:  # B = 0 would make the adapter a no-op and its gradient path untested
                 torch.nn.init.normal_(p, std=0.1)
+        assert model.lm_head.lora_B.abs().sum() > 0
     x = torch.randint(0, config.vocab_size, (2, 150))
     y = torch.randint(0, config.vocab_size, (2, 150))
     y[0, :40] = IGNORE_INDEX  # a prompt
     y[1, -3:] = IGNORE_INDEX  # padding
     params = [p for p in model.parameters() if p.requires_grad]
 
-    logits = model(x)
+    if overrides == "lora_head":
+        # the reference head written out here, not LoRALinear's forward that the loss path itself calls
+        head = model.lm_head
+        logits = model.trunk(x) @ (head.weight + head.scaling * head.lora_B @ head.lora_A).T
+    else:
+        logits = model(x)
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                                  reduction="sum")
     expected_grads = torch.autograd.grad(expected * 0.37, params)
@@ -242,3 +248,66 @@ def test_linear_splits_a_column_major_weight_across_threads(threads, rows, monke
                 torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-6, atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=True), dict(final_softcap=3.0, lm_head_bias=True),
+                                       "lora_head"])
+def test_per_token_logprobs_equal_log_softmax_gathered_with_the_same_gradients(overrides):
+    """model(x, targets=y, per_token=True): each target's log-probability a chunk at a time, with the gradient of
+    log_softmax(model(x)) gathered, in float64; 0 at ignored targets."""
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-test", block_size=150, **(overrides if isinstance(overrides, dict) else {}))
+    model = GPT(config).double()
+    if overrides == "lora_head":
+        add_lora(model, LoRAConfig(targets=("q", "lm_head")))
+        torch.nn.init.normal_(model.lm_head.lora_B, std=0.1)
+    x = torch.randint(0, config.vocab_size, (2, 150))
+    y = torch.randint(0, config.vocab_size, (2, 150))
+    y[0, :40] = IGNORE_INDEX
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.rand(2, 150, dtype=torch.float64)  # any downstream use: a weighted sum of the log-probs
+
+    expected = torch.log_softmax(model(x), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    expected = expected * (y != IGNORE_INDEX)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    logprobs = model(x, targets=y, per_token=True)  # 2 x 150 - 40 = 260 kept rows: chunks of 256 and 4
+    grads = torch.autograd.grad((logprobs * weights).sum(), params)
+    assert logprobs.shape == (2, 150) and logprobs.dtype == torch.float64
+    assert torch.equal(logprobs[0, :40], torch.zeros(40, dtype=torch.float64))
+    torch.testing.assert_close(logprobs, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_router_aux_loss_is_transformers_load_balancing_loss():
+    """The MoE load-balancing loss, pooled over layers as transformers' load_balancing_loss_func pools it, on the same
+    router logits (captured from our routers); its gradient reaches the routers; uniform routing gives k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from model import MoE, router_aux_loss
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-test", mlp="moe", n_expert=4, n_expert_per_token=2, n_layer=3)
+    model = GPT(config).double()
+    logits = []
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.router.register_forward_hook(lambda mod, inp, out: logits.append(out.detach()))
+    model(torch.randint(0, config.vocab_size, (3, 20)))
+    aux = router_aux_loss(model)
+    expected = load_balancing_loss_func(tuple(logits), num_experts=4, top_k=2)
+    assert len(logits) == 3
+    torch.testing.assert_close(aux, expected.to(aux.dtype), rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(aux, model.layers[0].mlp.router.weight)
+    assert grad.abs().sum() > 0
+    model.eval()  # an eval forward records nothing new
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.routing = None
+                m.router.weight.zero_()  # every expert equally likely: the balanced value, k
+        model(torch.randint(0, config.vocab_size, (3, 20)))
+    assert router_aux_loss(model) is None
+    model.train()
+    model(torch.randint(0, config.vocab_size, (3, 20)))
+    torch.testing.assert_close(router_aux_loss(model).item(), 2.0)
+    assert router_aux_loss(GPT(Config.from_name("tiny-test"))) is None  # a dense model has none

@@ -129,7 +129,10 @@ def straight_run(tiny_data, tmp_path_factory):
 def test_pretrain_writes_metrics_checkpoints_and_a_final_model(straight_run):
     rows = read_metrics(straight_run)
     assert [int(r["step"]) for r in rows] == list(range(1, 37))
-    assert {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu"} <= set(rows[0])
+    assert {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "router_aux_loss"} <= set(
+        rows[0])
+    assert all(0 < float(r["mfu"]) <= 1 for r in rows)  # a fraction of the stated peak
+    assert not any(r["router_aux_loss"] for r in rows)  # a dense model has no load-balancing loss
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [10, 20, 30, 36]
     assert int(rows[-1]["tokens"]) == 36 * 8 * 32  # steps x global batch x block
     assert sorted(p.name for p in straight_run.glob("step-*")) == [f"step-{s:08d}" for s in (10, 20, 30, 36)]
@@ -259,9 +262,11 @@ def test_tensorboard_and_wandb_receive_the_metrics(tiny_data, tmp_path, logger):
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["ddp", "fsdp", "slurm"])
 def test_two_processes_match_one(tmp_path, launch):
-    """2 CPU processes (gloo) with micro-batch 4 against 1 process accumulating 2 micro-batches of 4: the same
-    global batch. Every sample is the same block, so the batches are equal whatever rank reads what, and the
-    losses must agree to float tolerance (a wrong gradient average or accumulation scale would not).
+    """The gradient average: 2 CPU processes (gloo) with micro-batch 4 against 1 process accumulating 2 micro-batches
+    of 4, the same global batch. Every sample is the same block, so the batches are equal whatever rank reads what,
+    and the losses must agree to float tolerance (a wrong gradient average or accumulation scale would not). That
+    the ranks read different samples, which these identical blocks cannot show, is
+    test_two_ranks_read_different_samples.
     "slurm" starts the two processes itself with the environment srun gives a 2-node job of one task per node,
     as config_hub/slurm/pretrain.sbatch runs it: Fabric must find world size, ranks and the main node there."""
     from litdata import TokensLoader, optimize
@@ -292,6 +297,83 @@ def test_two_processes_match_one(tmp_path, launch):
     two_losses = [float(x) for x in losses(tmp_path / "two")]
     assert two_losses == pytest.approx(one_losses, abs=1e-5)
     assert one_losses[-1] < one_losses[0]
+
+
+@pytest.mark.slow
+def test_two_ranks_read_different_samples(tmp_path):
+    """The half of test_two_processes_match_one that its identical blocks cannot see: under a launched 2-process
+    Fabric, pretrain.make_loaders (the loader training iterates) gives each rank its own samples. Blocks i = [i] * 33,
+    so a micro-batch names the samples in it; one epoch of the two ranks together is the data once, split in two
+    (if litdata did not see the process group, each rank would read all of it)."""
+    from litdata import TokensLoader, optimize
+    for name, first in (("a", 0), ("b", 1000)):  # "b": the second source of a mixture, ids of its own
+        optimize(fn=constant_block, inputs=list(range(first, first + 64)), output_dir=str(tmp_path / name),
+                 chunk_bytes="1MB", item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
+    single, mixture = zip(*launch_two_ranks(pretrain_loader_ids, tmp_path, str(tmp_path)))
+    assert [len(ids) for ids in single] == [32, 32]  # 64 samples: 8 micro-batches of 4 per rank
+    assert set(single[0]).isdisjoint(single[1])
+    assert sorted(single[0] + single[1]) == list(range(64))
+    assert all(mixture) and set(mixture[0]).isdisjoint(mixture[1])
+    for ids in mixture:
+        assert len(set(ids)) == len(ids) and {i // 1000 for i in ids} == {0, 1}  # both sources, no sample twice
+
+
+def constant_block(i: int):
+    yield torch.full((33,), i, dtype=torch.int32)  # block_size 32 + 1: one sample of make_loaders
+
+
+def pretrain_loader_ids(root: str, out: str) -> None:
+    """One rank of test_two_ranks_read_different_samples, in its own process: a Fabric launched as torchrun's or
+    SLURM's ranks are, then the sample ids of one epoch of pretrain.make_loaders' train loader, over one source and
+    over a mixture of two, written to `out` as JSON."""
+    import lightning as L
+
+    from model import Config
+    from pretrain import DataArgs, make_loaders
+    from training import make_strategy
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=make_strategy("ddp", 2, 1))
+    fabric.launch()
+    config = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=32)
+    ids = []
+    for dirs in ([f"{root}/a"], [f"{root}/a", f"{root}/b"]):
+        loader, _ = make_loaders(fabric, DataArgs(train_dirs=dirs, val_dir=None, num_workers=1), config,
+                                 micro_batch_size=4, seed=1337)
+        ids.append(block_ids(loader))
+    Path(out).write_text(json.dumps(ids))
+
+
+def block_ids(batches) -> list[int]:
+    """The id of every sample in micro-batches (B, T) of constant rows (a mixed row would be a misaligned read)."""
+    ids = []
+    for batch in batches:
+        assert (batch == batch[:, :1]).all(), batch
+        ids += batch[:, 0].tolist()
+    return ids
+
+
+def launch_two_ranks(function, tmp_path: Path, *args: str) -> list:
+    """function(*args, out) of a test module in ranks 0 and 1 of a 2-process job on this machine, in the environment
+    torchrun gives (so Fabric starts no processes of its own); the JSON each wrote to `out`, by rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2", NODE_RANK="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])  # the test modules
+    outs, logs = [tmp_path / f"rank{r}.json" for r in range(2)], [tmp_path / f"rank{r}.log" for r in range(2)]
+    call = f"from {function.__module__} import {function.__name__} as f; f"
+    ranks = []
+    for r, (out, log) in enumerate(zip(outs, logs)):
+        with log.open("w") as f:  # the child has its own copy of the descriptor
+            ranks.append(subprocess.Popen([sys.executable, "-c", call + repr((*args, str(out)))], cwd=ROOT, stdout=f,
+                                          stderr=subprocess.STDOUT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+    deadline = time.monotonic() + 300
+    # until both are done, one failed (the other would wait in a collective) or the time is up
+    while any(r.poll() is None for r in ranks) and not any(r.returncode for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for r in ranks:
+        if r.poll() is None:
+            r.kill()
+            r.wait()
+    assert [r.returncode for r in ranks] == [0, 0], "".join(log.read_text()[-2000:] for log in logs)
+    return [json.loads(out.read_text()) for out in outs]
 
 
 def free_port() -> int:

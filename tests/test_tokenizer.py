@@ -64,6 +64,21 @@ def test_stop_ids_include_generation_config(tmp_path):
     assert tok.stop_ids == [0, 2]
 
 
+@pytest.mark.parametrize("eos_token_id, expected", [(None, [2]), (0, [0, 2]), ("absent", [2])])
+def test_generation_config_eos_may_be_null_one_id_or_absent(tmp_path, eos_token_id, expected):
+    make_tokenizer_dir(tmp_path, True, {})
+    config = {} if eos_token_id == "absent" else {"eos_token_id": eos_token_id}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert Tokenizer(tmp_path).stop_ids == expected  # tokenizer_config's eos_token </s> (id 2) is always one
+
+
+def test_generation_config_eos_of_the_wrong_type_is_a_one_line_error(tmp_path):
+    make_tokenizer_dir(tmp_path, True, {})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(CheckpointError, match="generation_config.json: eos_token_id must be a token id"):
+        Tokenizer(tmp_path)
+
+
 def test_chat_template_equals_transformers(tmp_path):
     from transformers import AutoTokenizer
     make_tokenizer_dir(tmp_path, True, {})
