@@ -40,6 +40,12 @@ class CheckpointError(Exception):
     """Bad input a user can fix: scripts print it as one line and exit non-zero."""
 
 
+def require(ok: bool, flag: str, value, expected: str) -> None:
+    """A flag's value that makes no sense, checked where the flag is declared: '--train.lr -0.01: expected ...'."""
+    if not ok:
+        raise CheckpointError(f"{flag} {value}: expected {expected}")
+
+
 def read_json(path: str | Path, missing_ok: bool = False) -> dict:
     path = Path(path)
     if missing_ok and not path.is_file():

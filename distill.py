@@ -39,10 +39,10 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from checkpoint import (LORA_WEIGHTS, CheckpointError, check_writable_directory, load_config, load_model,
-                        load_state_dict, save_checkpoint, save_lora)
+from checkpoint import (LORA_WEIGHTS, CheckpointError, check_state_dict, check_writable_directory, load_config,
+                        load_model, load_state_dict, read_json, require, save_checkpoint, save_lora)
 from generation import generate_tokens
-from model import GPT, Block, Config, LoRAConfig, add_lora, is_lora_key
+from model import GPT, Block, Config, ConfigError, LoRAConfig, add_lora, is_lora_key
 from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state,
@@ -78,11 +78,22 @@ class DataArgs:
     num_workers: int = 1  # loader processes per rank
     shuffle: bool = True
 
+    def __post_init__(self):
+        fits = self.weights is None or (len(self.weights) == len(self.train_dirs) and all(w > 0 for w in self.weights))
+        require(fits, "--data.weights", self.weights,
+                f"one positive weight per train dir ({len(self.train_dirs)}) or null")
+        require(self.num_workers >= 0, "--data.num_workers", self.num_workers, "0 (the main process) or more")
+        require(0 <= self.val_split < 1, "--data.val_split", self.val_split, "a fraction in [0, 1)")
+
 
 @dataclass
 class OnPolicyArgs:
     max_new_tokens: int = 32  # tokens the student samples per on-policy sequence
     temperature: float = 1.0  # the student's sampling temperature
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, "--on_policy.max_new_tokens", self.max_new_tokens, "a positive integer")
+        require(self.temperature >= 0, "--on_policy.temperature", self.temperature, "0 (greedy) or more")
 
 
 @dataclass
@@ -100,17 +111,38 @@ class TrainArgs:
     grad_clip: float | None = 1.0
     seed: int = 1337
 
+    def __post_init__(self):  # bad values fail while the flags are parsed, before any work
+        for name in ("global_batch_size", "micro_batch_size", "max_tokens", "max_steps"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"--train.{name}", value, "a positive integer")
+        require(self.max_time is None or self.max_time > 0, "--train.max_time", self.max_time, "seconds > 0")
+        require(self.lr > 0, "--train.lr", self.lr, "a positive learning rate")
+        require(self.min_lr >= 0, "--train.min_lr", self.min_lr, "a learning rate >= 0")
+        require(self.warmup_steps >= 0, "--train.warmup_steps", self.warmup_steps, "steps >= 0")
+        require(self.weight_decay >= 0, "--train.weight_decay", self.weight_decay, "a number >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "--train.betas", list(self.betas), "two numbers in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip >= 0, "--train.grad_clip", self.grad_clip,
+                "a norm >= 0 (0 or null: no clipping)")
+
 
 @dataclass
 class EvalArgs:
     interval: int = 50  # validate every this many steps (and at the end)
     max_batches: int = 8  # micro-batches of the val split per validation
 
+    def __post_init__(self):
+        require(self.interval >= 1, "--eval.interval", self.interval, "steps >= 1")
+        require(self.max_batches >= 1, "--eval.max_batches", self.max_batches, "a positive integer")
+
 
 @dataclass
 class CheckpointArgs:
     interval: int = 100  # save out_dir/step-XXXXXXXX every this many steps
     keep_last: int = 2  # how many step checkpoints to keep
+
+    def __post_init__(self):
+        require(self.interval >= 1, "--checkpoint.interval", self.interval, "steps >= 1")
+        require(self.keep_last >= 1, "--checkpoint.keep_last", self.keep_last, "at least 1 (the newest)")
 
 
 def setup(
@@ -636,6 +668,8 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
             if not (Path(d) / "index.json").is_file():
                 raise CheckpointError(f"{d}: no litdata chunks here (index.json missing); prepare the data first, "
                                       "e.g. python data_prep/prepare_stdlib.py")
+            if "chunks" not in read_json(Path(d) / "index.json"):  # invalid JSON: read_json names the file
+                raise CheckpointError(f"{Path(d) / 'index.json'}: not a litdata index (no chunks); prepare it again")
         # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
         # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
         datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1),
@@ -851,8 +885,11 @@ def load_training_state(fabric, path: Path, student: GPT, optimizer, train_loade
                         is_lora: bool, seed: int) -> None:
     saved = load_train_state(path)
     weights = path / (LORA_WEIGHTS if is_lora else "model.safetensors")
+    state_dict = load_state_dict(weights)
+    if not is_lora:
+        check_state_dict(student, state_dict, weights)  # a step checkpoint of another student config
     # strict=False for an adapter: the base weights come from --student_dir, not from the step directory
-    load_full_state(student, optimizer, load_state_dict(weights), saved["optimizer"], strict=not is_lora)
+    load_full_state(student, optimizer, state_dict, saved["optimizer"], strict=not is_lora)
     train_loader.load_state_dict(saved["train_loader"])
     restore_rng_states(fabric, saved, seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
@@ -862,5 +899,9 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False, as_positional=False)  # --teacher_dir, not a positional argument
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
+    except ValueError as e:  # jsonargparse reports a bad --lora.r (`LoRAConfig | None`) as no Union member matching,
+        if not isinstance(e.__cause__, ConfigError):  # the LoRAConfig error as its cause; other errors are bugs
+            raise
+        sys.exit(f"error: {e.__cause__}")

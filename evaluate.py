@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_model
+from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_model, read_json, require
 from data_prep.corpus import find_files, read_documents
 from generation import generate
 from model import GPT, IGNORE_INDEX
@@ -79,6 +79,11 @@ def main(
         raise CheckpointError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if (data is None) == (tasks is None):
         raise CheckpointError("give --data (perplexity) or --tasks (lm-eval), one of the two")
+    # the results are written after the whole evaluation: check their place first
+    if out is not None and (out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents)):
+        raise CheckpointError(f"--out {out}: expected a JSON file path, not a directory or a path under a file")
+    require(stride is None or stride >= 1, "--stride", stride, "a positive number of tokens (null: half a window)")
+    require(batch_size >= 1, "--batch_size", batch_size, "a positive integer")
     checkpoints = find_checkpoints(checkpoint_dir if isinstance(checkpoint_dir, list) else [checkpoint_dir])
     if data is not None:
         data = data if isinstance(data, list) else [data]
@@ -98,7 +103,7 @@ def main(
             raise CheckpointError(f"--max_seq_length {seq_length}: expected 2 to block_size "
                                   f"({model.config.block_size})")
         if data is not None:
-            window_stride = stride or seq_length // 2
+            window_stride = seq_length // 2 if stride is None else stride
             if not 1 <= window_stride <= seq_length:
                 raise CheckpointError(f"--stride {window_stride}: expected 1 to max_seq_length ({seq_length})")
             documents = load_documents(data, tokenizer)  # again for each checkpoint: their tokenizers may differ
@@ -155,12 +160,15 @@ def read_chunks(chunk_dir: Path, block: int = 4096) -> torch.Tensor:
     of each chunk that does not fill one, so each chunk is read in blocks and its end token by token (reading all
     of it token by token runs at ~40k tokens/s). Item i of a TokensLoader dataset is block i in the order of
     index.json's chunks."""
+    index = read_json(chunk_dir / "index.json")  # before litdata reads it: invalid JSON is one line naming the file
+    if "chunks" not in index:
+        raise CheckpointError(f"{chunk_dir / 'index.json'}: not a litdata index (no chunks); prepare it again")
     from litdata import StreamingDataset, TokensLoader  # here, not above: it adds ~1.5 s to every start
 
     blocks = StreamingDataset(str(chunk_dir), item_loader=TokensLoader(block_size=block), shuffle=False)
     tokens = StreamingDataset(str(chunk_dir), item_loader=TokensLoader(block_size=1), shuffle=False)
     parts, first_block, first_token = [], 0, 0
-    for chunk in json.loads((chunk_dir / "index.json").read_text())["chunks"]:
+    for chunk in index["chunks"]:
         n_blocks = chunk["dim"] // block
         parts += [blocks[i] for i in range(first_block, first_block + n_blocks)]
         parts += [tokens[i] for i in range(first_token + n_blocks * block, first_token + chunk["dim"])]

@@ -31,9 +31,9 @@ from jsonargparse import CLI
 from tqdm import tqdm
 
 from checkpoint import (LORA_WEIGHTS, CheckpointError, check_writable_directory, load_config, load_model,
-                        load_state_dict, save_lora)
+                        load_state_dict, require, save_lora)
 from generation import generate
-from model import Block, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
+from model import Block, ConfigError, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
 from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_trainable_state,
@@ -55,6 +55,11 @@ class DataArgs:
     mask_prompt: bool = True  # learn only the assistant's text (and its end-of-turn token), not the prompt
     max_seq_length: int | None = None  # longer examples are cut (and dropped if no target is left); None: block_size
 
+    def __post_init__(self):
+        require(0 <= self.val_split < 1, "--data.val_split", self.val_split, "a fraction in [0, 1)")
+        require(self.max_seq_length is None or self.max_seq_length >= 2, "--data.max_seq_length",
+                self.max_seq_length, "at least 2 tokens (a prompt token and a target) or null (block_size)")
+
 
 @dataclass
 class TrainArgs:
@@ -70,6 +75,18 @@ class TrainArgs:
     grad_clip: float | None = 1.0
     seed: int = 1337
 
+    def __post_init__(self):  # bad values fail while the flags are parsed, before any work
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "max_steps"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"--train.{name}", value, "a positive integer")
+        require(self.lr > 0, "--train.lr", self.lr, "a positive learning rate")
+        require(self.min_lr >= 0, "--train.min_lr", self.min_lr, "a learning rate >= 0")
+        require(self.warmup_steps >= 0, "--train.warmup_steps", self.warmup_steps, "steps >= 0")
+        require(self.weight_decay >= 0, "--train.weight_decay", self.weight_decay, "a number >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "--train.betas", list(self.betas), "two numbers in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip >= 0, "--train.grad_clip", self.grad_clip,
+                "a norm >= 0 (0 or null: no clipping)")
+
 
 @dataclass
 class EvalArgs:
@@ -78,11 +95,21 @@ class EvalArgs:
     prompt: str = "Give three tips for staying healthy."  # sampled greedily at each validation, in the run's style
     max_new_tokens: int = 48
 
+    def __post_init__(self):
+        require(self.interval >= 1, "--eval.interval", self.interval, "steps >= 1")
+        require(self.max_batches is None or self.max_batches >= 1, "--eval.max_batches", self.max_batches,
+                "a positive integer or null (all)")
+        require(self.max_new_tokens >= 1, "--eval.max_new_tokens", self.max_new_tokens, "a positive integer")
+
 
 @dataclass
 class CheckpointArgs:
     interval: int = 100  # save out_dir/step-XXXXXXXX every this many steps
     keep_last: int = 2  # how many step checkpoints to keep
+
+    def __post_init__(self):
+        require(self.interval >= 1, "--checkpoint.interval", self.interval, "steps >= 1")
+        require(self.keep_last >= 1, "--checkpoint.keep_last", self.keep_last, "at least 1 (the newest)")
 
 
 def setup(
@@ -370,5 +397,5 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from jsonargparse import CLI
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model, require
 from generation import generate, generate_tokens, use_decode_layout
 from tokenizer import Tokenizer
 
@@ -86,6 +86,13 @@ def main(
             raise CheckpointError(f"--quantize {quantize!r}: expected one of {', '.join(MODES)}")
     if checkpoint_dir is None and lora_dir is None:
         raise CheckpointError("--checkpoint_dir: required (or --lora_dir, whose config names its base)")
+    require(max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "a positive integer")
+    # a negative temperature flips the distribution: it would sample the least likely tokens
+    require(temperature >= 0, "--temperature", temperature, "0 (greedy) or more")
+    require(top_k is None or top_k >= 1, "--top_k", top_k, "a positive integer or null (all tokens)")
+    require(0 < top_p <= 1, "--top_p", top_p, "a probability in (0, 1]")
+    require(num_samples >= 1, "--num_samples", num_samples, "a positive integer")
+    require(max_seq_length >= 2, "--max_seq_length", max_seq_length, "at least 2 tokens")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
     model, tokenizer_dir = load(checkpoint_dir, lora_dir, device, dtype, quantize)

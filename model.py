@@ -8,12 +8,17 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import UnionType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import yaml
+
+
+class ConfigError(ValueError):
+    """A Config or LoRAConfig value that makes no sense: scripts print it as one line, like CheckpointError."""
 
 
 @dataclass
@@ -60,10 +65,23 @@ class Config:
     sliding_window_period: int = 1  # layer i uses the window when i % period == 0 (Gemma 2: every other layer)
 
     def __post_init__(self):
+        # A preset, a model_config.yaml or --model.overrides with a wrong type or size fails here, naming the field,
+        # instead of deep inside GPT(config) (YAML reads `n_layer: 4x` as a string; a float where an int goes).
+        for f in fields(self):
+            value, optional = getattr(self, f.name), isinstance(f.type, UnionType)  # `int | None`
+            kind = f.type.__args__[0] if optional else f.type
+            if value is None and optional:
+                continue
+            kinds = (float, int) if kind is float else kind  # an int is a fine float; a bool is no int here
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kinds):
+                raise ConfigError(f"{f.name} {value!r}: expected {kind.__name__}{' or null' if optional else ''}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: expected a positive integer")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
     @property
     def rope_n_elem(self) -> int:
@@ -74,7 +92,9 @@ class Config:
         if name not in name_to_config:
             close = [n for n in name_to_config if name.lower() in n.lower()]
             hint = f" Did you mean one of {close}?" if close else " See model.name_to_config for the list."
-            raise ValueError(f"unknown model preset {name!r}.{hint}")
+            raise ConfigError(f"unknown model preset {name!r}.{hint}")
+        if unknown := sorted(set(overrides) - {f.name for f in fields(cls)}):
+            raise ConfigError(f"unknown Config field(s) {unknown}")
         return cls(**{**name_to_config[name], **overrides})
 
     @classmethod
@@ -84,7 +104,7 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown Config field(s) {unknown}")
+            raise ConfigError(f"{path}: unknown Config field(s) {unknown}")
         return cls(**{**data, **overrides})
 
     def to_dict(self) -> dict:
@@ -686,12 +706,14 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}: "
-                             f"choose from {', '.join(LORA_TARGETS)}")
+            raise ConfigError(f"--lora.targets {list(self.targets)}: unknown target(s) {unknown or '(none given)'}; "
+                              f"choose from {', '.join(LORA_TARGETS)}")
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+            raise ConfigError(f"--lora.r {self.r}: expected a rank of at least 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"--lora.alpha {self.alpha}: expected a positive number")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"--lora.dropout {self.dropout}: expected a probability in [0, 1)")
 
     @property
     def scaling(self) -> float:

@@ -23,8 +23,9 @@ from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_writable_directory, load_config, load_state_dict, save_checkpoint
-from model import GPT, Block, Config, router_aux_loss
+from checkpoint import (CheckpointError, check_state_dict, check_writable_directory, load_config, load_state_dict,
+                        read_json, require, save_checkpoint)
+from model import GPT, Block, Config, ConfigError, name_to_config, router_aux_loss
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StopSignal, clip_gradients, device_peak_flops, find_resume_dir, flops_per_token_of,
                       gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
@@ -39,6 +40,14 @@ class ModelArgs:
     name: str = "stdlib-llama-6m"  # a preset of model.py
     overrides: dict = field(default_factory=dict)  # Config fields to change, e.g. {n_layer: 4}
 
+    def __post_init__(self):  # an unknown preset or field, or a value of the wrong type: before any work
+        try:
+            Config.from_name(self.name, **self.overrides)
+        except ConfigError as e:
+            unknown_preset = self.name not in name_to_config
+            flag = f"--model.name {self.name}" if unknown_preset else f"--model.overrides {self.overrides}"
+            raise CheckpointError(f"{flag}: {e}") from None
+
 
 @dataclass
 class DataArgs:
@@ -47,6 +56,12 @@ class DataArgs:
     val_dir: str | None = "data/stdlib/val"
     num_workers: int = 1  # loader processes per rank
     shuffle: bool = True
+
+    def __post_init__(self):
+        fits = self.weights is None or (len(self.weights) == len(self.train_dirs) and all(w > 0 for w in self.weights))
+        require(fits, "--data.weights", self.weights,
+                f"one positive weight per train dir ({len(self.train_dirs)}) or null")
+        require(self.num_workers >= 0, "--data.num_workers", self.num_workers, "0 (the main process) or more")
 
 
 @dataclass
@@ -64,17 +79,38 @@ class TrainArgs:
     grad_clip: float | None = 1.0
     seed: int = 1337
 
+    def __post_init__(self):  # bad values fail while the flags are parsed, before any work
+        for name in ("global_batch_size", "micro_batch_size", "max_tokens", "max_steps"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"--train.{name}", value, "a positive integer")
+        require(self.max_time is None or self.max_time > 0, "--train.max_time", self.max_time, "seconds > 0")
+        require(self.lr > 0, "--train.lr", self.lr, "a positive learning rate")
+        require(self.min_lr >= 0, "--train.min_lr", self.min_lr, "a learning rate >= 0")
+        require(self.warmup_steps >= 0, "--train.warmup_steps", self.warmup_steps, "steps >= 0")
+        require(self.weight_decay >= 0, "--train.weight_decay", self.weight_decay, "a number >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "--train.betas", list(self.betas), "two numbers in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip >= 0, "--train.grad_clip", self.grad_clip,
+                "a norm >= 0 (0 or null: no clipping)")
+
 
 @dataclass
 class EvalArgs:
     interval: int = 50  # validate every this many steps (and at the end)
     max_batches: int = 8  # micro-batches of the val split per validation
 
+    def __post_init__(self):
+        require(self.interval >= 1, "--eval.interval", self.interval, "steps >= 1")
+        require(self.max_batches >= 1, "--eval.max_batches", self.max_batches, "a positive integer")
+
 
 @dataclass
 class CheckpointArgs:
     interval: int = 100  # save out_dir/step-XXXXXXXX every this many steps
     keep_last: int = 2  # how many step checkpoints to keep
+
+    def __post_init__(self):
+        require(self.interval >= 1, "--checkpoint.interval", self.interval, "steps >= 1")
+        require(self.keep_last >= 1, "--checkpoint.keep_last", self.keep_last, "at least 1 (the newest)")
 
 
 def setup(
@@ -141,7 +177,7 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     if initial_checkpoint_dir is not None:
         config = load_config(initial_checkpoint_dir)
     else:
-        config = Config.from_name(model_args.name, **model_args.overrides)
+        config = Config.from_name(model_args.name, **model_args.overrides)  # checked by ModelArgs
     world = fabric.world_size
     if train.global_batch_size % (train.micro_batch_size * world):
         raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
@@ -163,7 +199,10 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     with fabric.init_module():  # the same seed on every rank: identical weights before sharding or DDP
         model = GPT(config)
     if initial_checkpoint_dir is not None:
-        model.load_state_dict(load_state_dict(Path(initial_checkpoint_dir) / "model.safetensors"))
+        weights = Path(initial_checkpoint_dir) / "model.safetensors"
+        state_dict = load_state_dict(weights)
+        check_state_dict(model, state_dict, weights)  # a clear line, not load_state_dict's list of size mismatches
+        model.load_state_dict(state_dict)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
@@ -296,6 +335,8 @@ def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, 
         if not (Path(d) / "index.json").is_file():
             raise CheckpointError(f"{d}: no litdata chunks here (index.json missing); prepare the data first, "
                                   "e.g. python data_prep/prepare_stdlib.py")
+        if "chunks" not in read_json(Path(d) / "index.json"):  # invalid JSON: read_json names the file
+            raise CheckpointError(f"{Path(d) / 'index.json'}: not a litdata index (no chunks); prepare it again")
     # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
     # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
     datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1), shuffle=data.shuffle,
@@ -333,7 +374,9 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, 
 
 def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state, seed: int) -> None:
     saved = load_train_state(path)
-    load_full_state(raw_model, optimizer, load_state_dict(path / "model.safetensors"), saved["optimizer"])
+    weights = load_state_dict(path / "model.safetensors")
+    check_state_dict(raw_model, weights, path / "model.safetensors")  # a checkpoint of another model config
+    load_full_state(raw_model, optimizer, weights, saved["optimizer"])
     train_loader.load_state_dict(saved["train_loader"])
     restore_rng_states(fabric, saved, seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
@@ -343,5 +386,5 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

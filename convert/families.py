@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import CheckpointError
-from model import Config
+from model import Config, ConfigError
 
 
 class UnsupportedModel(CheckpointError):
@@ -183,7 +183,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> Config:
         kw.update(norm="layernorm", norm_eps=get("layer_norm_eps"), mlp="plain",
                   parallel_residual=bool(get("use_parallel_residual")), qkv_bias=bool(get("attention_bias")),
                   attn_out_bias=bool(get("attention_bias")), mlp_bias=True)
-    config = Config(**kw)
+    try:
+        config = Config(**kw)
+    except ConfigError as e:  # e.g. a field of config.json with the wrong type
+        raise UnsupportedModel(f"{source}: {e}") from None
     check_layer_types(hf, config, source)
     return config
 

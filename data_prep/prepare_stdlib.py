@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from jsonargparse import CLI
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, require
 from data_prep import prepare_text, train_tokenizer
 
 # The stdlib without its test suites, bundled tools and whatever pip installed beside it
@@ -31,6 +31,9 @@ def main(tokenizer_dir: Path = Path("checkpoints/stdlib-tokenizer"), out_dir: Pa
         vocab_size: tokenizer vocabulary (must equal the model's vocab_size).
         workers: tokenizing processes.
     """
+    require(vocab_size >= train_tokenizer.MIN_VOCAB, "--vocab_size", vocab_size,
+            f"at least {train_tokenizer.MIN_VOCAB} (256 bytes and two special tokens)")
+    require(workers >= 1, "--workers", workers, "a positive number of processes")
     stdlib = sysconfig.get_paths()["stdlib"]
     if not (tokenizer_dir / "tokenizer.json").is_file():
         train_tokenizer.main(inputs=stdlib, out_dir=tokenizer_dir, vocab_size=vocab_size, pattern="*.py",

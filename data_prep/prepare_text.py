@@ -25,7 +25,7 @@ import torch
 from jsonargparse import CLI
 from litdata import TokensLoader, optimize
 
-from checkpoint import CheckpointError, atomic_directory, check_writable_directory
+from checkpoint import CheckpointError, atomic_directory, check_writable_directory, require
 from data_prep.corpus import find_files, read_documents
 from tokenizer import Tokenizer
 
@@ -47,6 +47,8 @@ def main(*, inputs: str | list[str], tokenizer_dir: Path, out_dir: Path, pattern
         chunk_bytes: size of each chunk file.
         fast_dev_run: process a handful of files end to end, to try a pipeline in seconds.
     """
+    require(0 <= val_fraction < 1, "--val_fraction", val_fraction, "a fraction in [0, 1)")
+    require(workers >= 1, "--workers", workers, "a positive number of processes")
     files = find_files(inputs, pattern, exclude)
     if fast_dev_run:
         files = files[:10]

@@ -16,10 +16,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from jsonargparse import CLI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from checkpoint import CheckpointError, atomic_directory, check_writable_directory
+from checkpoint import CheckpointError, atomic_directory, check_writable_directory, require
 from data_prep.corpus import find_files, iter_documents
 
 BOS, EOS = "<|bos|>", "<|eos|>"
+MIN_VOCAB = 256 + 2  # the byte alphabet and the two special tokens: a smaller size would be ignored
 
 
 def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, pattern: str = "*", exclude: list[str] = [],
@@ -35,6 +36,8 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
         text_field: the JSONL field that holds the text.
         max_files: use at most this many files (quick experiments).
     """
+    require(vocab_size >= MIN_VOCAB, "--vocab_size", vocab_size, f"at least {MIN_VOCAB} (256 bytes, {BOS} and {EOS})")
+    require(max_files is None or max_files >= 1, "--max_files", max_files, "a positive integer or null (all)")
     check_writable_directory(out_dir)  # now, not after the training
     files = find_files(inputs, pattern, exclude)[:max_files]
     tokenizer = Tokenizer(models.BPE())

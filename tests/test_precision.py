@@ -16,8 +16,8 @@ LR, STEPS = 2e-5, 20
 
 
 def test_compensated_adamw_on_float32_weights_is_torch_adamw(monkeypatch):
-    """On float32 weights the compensation stays zero and the update is AdamW's arithmetic, in buckets or not."""
-    monkeypatch.setattr(CompensatedAdamW, "BUCKET_NUMEL", 1500)  # the three tensors in two buckets
+    """On float32 weights the compensation stays zero and the update is AdamW's arithmetic, slice by slice."""
+    monkeypatch.setattr(CompensatedAdamW, "SLICE", {"cpu": 500})  # 1200 values: slices of 500, 500 and 200
     torch.manual_seed(0)
     shapes = [(40, 30), (30,), (20, 10)]
     ours = [torch.randn(*s, requires_grad=True) for s in shapes]
