@@ -216,6 +216,7 @@ def test_distill_lora_error_is_the_cause_its_main_prints(tiny, tmp_path):
     assert isinstance(e.value.__cause__, ConfigError) and str(e.value.__cause__).startswith("--lora.targets ['foo']")
 
 
+@pytest.mark.slow  # three script starts (~35 s on 2 cores); the in-process tables above cover the messages
 @pytest.mark.parametrize("script,flags,culprit", [
     ("pretrain.py", ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0"),  # CheckpointError
     ("distill.py", ["--lora.r", "0"], "--lora.r 0"),  # ConfigError, through jsonargparse's Union error

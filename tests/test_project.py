@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from convert.selfcheck import PRESETS
 
@@ -18,6 +20,7 @@ def test_ci_runs_the_readme_test_command():
     assert readme_commands()[1] in ci.splitlines()
 
 
+@pytest.mark.slow  # prepares the stdlib corpus from scratch: about a minute on 2 cores
 def test_readme_default_job_runs_in_fast_dev_mode(tmp_path):
     """The README's first command as written (after the install), with the training cut to a few steps. Run in an
     empty directory, as on a fresh clone: data/, checkpoints/ and out/ are made there, so files left in the
