@@ -135,16 +135,16 @@ def rounding_dither(p: torch.Tensor, seed: int) -> torch.Tensor:
     a small update moves the share of weights it would move from float32 values, from the first step. Seeded per
     tensor, so every rank of DDP draws the same; zero for float32 and for weights that are exactly 0."""
     out = torch.zeros_like(p)
-    local = out.to_local() if hasattr(out, "to_local") else out  # FSDP2: this rank's shard
-    if p.dtype not in (torch.bfloat16, torch.float16) or local.numel() == 0:
+    shard = local(out)  # FSDP2: this rank's shard, written in place
+    if p.dtype not in (torch.bfloat16, torch.float16) or shard.numel() == 0:
         return out
-    weights = (p.to_local() if hasattr(p, "to_local") else p).detach().float()
+    weights = local(p).detach().float()
     mantissa, exponent = torch.frexp(weights)  # weights = mantissa * 2**exponent, mantissa in [0.5, 1)
     bits = 8 if p.dtype == torch.bfloat16 else 11  # significant bits, the implicit one included
     cell = torch.ldexp(torch.ones_like(weights), exponent - bits)
-    generator = torch.Generator(device=local.device).manual_seed(seed)
-    draw = (torch.rand(weights.shape, generator=generator, device=local.device) - 0.5) * cell
-    local.copy_(draw.masked_fill_(weights == 0, 0.0))
+    generator = torch.Generator(device=shard.device).manual_seed(seed)
+    draw = (torch.rand(weights.shape, generator=generator, device=shard.device) - 0.5) * cell
+    shard.copy_(draw.masked_fill_(weights == 0, 0.0))
     return out
 
 
