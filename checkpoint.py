@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,7 +27,12 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import GPT, Config, LoRAConfig, add_lora, is_lora_key, lora_state_dict
+from model import Config, GPT, InputError, LoRAConfig, add_lora, is_lora_key, lora_state_dict
+
+# --precision (Fabric's names) -> the dtype a checkpoint's weights are loaded in: float32 under the mixed precisions,
+# whose autocast computes in the half type
+PRECISIONS = {"32-true": torch.float32, "bf16-mixed": torch.float32, "16-mixed": torch.float32,
+              "bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.yaml"
@@ -36,14 +42,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
                    "chat_template.jinja", "chat_template.json")
 
 
-class CheckpointError(Exception):
-    """Bad input a user can fix: scripts print it as one line and exit non-zero."""
+def weights_dtype(precision: str, allowed: tuple[str, ...] = tuple(PRECISIONS)) -> torch.dtype:
+    """The dtype to load a checkpoint's weights in for --precision, one of `allowed`."""
+    require(precision in allowed, "--precision", repr(precision), f"one of {', '.join(allowed)}")
+    return PRECISIONS[precision]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls of --precision run in: the half type of a mixed precision, else the weights'."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision) or weights_dtype(precision)
 
 
 def require(ok: bool, flag: str, value, expected: str) -> None:
     """A flag's value that makes no sense, checked where the flag is declared: '--train.lr -0.01: expected ...'."""
     if not ok:
-        raise CheckpointError(f"{flag} {value}: expected {expected}")
+        raise InputError(f"{flag} {value}: expected {expected}")
 
 
 def read_json(path: str | Path, missing_ok: bool = False) -> dict:
@@ -53,56 +66,87 @@ def read_json(path: str | Path, missing_ok: bool = False) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
+        raise InputError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_chunk_index(chunk_dir: str | Path) -> dict:
+    """The index.json of a litdata chunk directory, read before litdata reads it: a missing or corrupt index is one
+    line naming the file, not a traceback from inside litdata."""
+    path = Path(chunk_dir) / "index.json"
+    if not path.is_file():
+        raise InputError(f"{chunk_dir}: no litdata chunks here (index.json missing); prepare the data first, "
+                         "e.g. python data_prep/prepare_stdlib.py")
+    index = read_json(path)
+    if not isinstance(index, dict) or "chunks" not in index:
+        raise InputError(f"{path}: not a litdata index (no chunks); prepare it again")
+    return index
 
 
 def load_config(checkpoint_dir: str | Path) -> Config:
     path = Path(checkpoint_dir) / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found; a checkpoint directory holds {WEIGHTS} and {CONFIG}")
+        raise InputError(f"{path}: not found; a checkpoint directory holds {WEIGHTS} and {CONFIG}")
     try:
         return Config.from_file(path)
     except (ValueError, TypeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path}: {e}".splitlines()[0]) from None
+        raise InputError(f"{path}: {e}".splitlines()[0]) from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
+        raise InputError(f"{path}: not found")
     try:
         return load_file(path)  # memory-mapped: tensors are read when first touched
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> GPT:
-    """Build the model on the meta device (no memory, no init) and assign the stored tensors to it."""
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None, compute_dtype: torch.dtype | None = None) -> GPT:
+    """Build the model on the meta device (no memory, no init) and assign the stored tensors to it, in `dtype`.
+
+    quantize: a quantize.MODES key (bitsandbytes). The float weights are read on the CPU and each projection is
+    packed on its way to `device`, so that the float model never has to fit there; the rest then moves there.
+    compute_dtype: what 4-bit layers dequantise to for their matmuls (None: the activations' dtype)."""
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
     state = load_state_dict(checkpoint_dir / WEIGHTS)
     check_state_dict(model, state, checkpoint_dir / WEIGHTS)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    load_on = "cpu" if quantize else device
+    state = {k: v.to(device=load_on, dtype=dtype or v.dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    model.init_rope_cache(torch.device(device))
+    model.init_rope_cache(torch.device(load_on))
+    if quantize:
+        from quantize import MODES, quantize_model  # bitsandbytes only when asked for
+
+        if quantize not in MODES:
+            raise InputError(f"quantize mode {quantize!r}: expected one of {', '.join(MODES)}")
+        quantize_model(model, quantize, compute_dtype=compute_dtype, device=device).to(device)
+        # Tensors that stayed on the CPU (embedding, norms) are views of the memory-mapped checkpoint file, whose
+        # pages that quantisation read would stay resident with them: copy them out, and the mapping goes.
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.is_floating_point():
+                p.data = p.data.clone()
     return model
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, lora: bool = False) -> None:
+    """InputError naming path unless state has exactly the model's tensors (lora: its adapter's), in their shapes."""
+    expected = {k: v.shape for k, v in (lora_state_dict(model) if lora else model.state_dict()).items()}
+    source = f"{LORA_CONFIG} and the base model" if lora else CONFIG
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match {CONFIG}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                              f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        raise InputError(f"{path}: does not match {source}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     for k, shape in expected.items():
         if state[k].shape != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, {CONFIG} implies {tuple(shape)}")
+            raise InputError(f"{path}: {k} has shape {tuple(state[k].shape)}, {source} implies {tuple(shape)}")
 
 
 def save_checkpoint(out_dir: str | Path, config: Config, state_dict: dict[str, torch.Tensor],
@@ -190,15 +234,22 @@ def make_temporary_sibling(out_dir: Path) -> Path:
             continue
 
 
-def check_writable_directory(out_dir: Path) -> None:
-    """CheckpointError if out_dir, or the nearest of its parents that exists, is something other than a directory
-    (a file, or a link to one): replacing a user's file with a directory would lose it."""
+def check_writable_directory(out_dir: Path, reads: Iterable[str | Path | None] = ()) -> None:
+    """InputError if out_dir, or the nearest of its parents that exists, is something other than a directory
+    (a file, or a link to one): replacing a user's file with a directory would lose it. Also if out_dir is one of
+    the paths in `reads` (what the run reads) or holds one: replacing it would delete the run's own input."""
+    out_dir = Path(out_dir)
     for path in (out_dir, *out_dir.parents):
         if os.path.lexists(path):
             if not path.is_dir():
-                raise CheckpointError(f"{path}: exists and is not a directory; move it away or choose another "
-                                      "output directory")
-            return
+                raise InputError(f"{path}: exists and is not a directory; move it away or choose another "
+                                 "output directory")
+            break
+    target = out_dir.resolve()
+    for source in (Path(p) for p in reads if p is not None):
+        if source.resolve() == target or target in source.resolve().parents:
+            raise InputError(f"{out_dir}: would replace {source}, which this run reads; choose another output "
+                             "directory")
 
 
 # The names atomic_directory gives its siblings of NAME: random characters (8 hex now, mkdtemp's 8 before), the pid
@@ -282,32 +333,32 @@ def load_lora_config(lora_dir: str | Path, base_dir: str | Path | None = None) -
     """The adapter's LoRAConfig, and its base checkpoint directory: base_dir if given, else base_checkpoint_dir."""
     path = Path(lora_dir) / LORA_CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found; a LoRA directory holds {LORA_WEIGHTS} and {LORA_CONFIG}")
+        raise InputError(f"{path}: not found; a LoRA directory holds {LORA_WEIGHTS} and {LORA_CONFIG}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a mapping of LoRAConfig fields and base_checkpoint_dir")
+        raise InputError(f"{path}: expected a mapping of LoRAConfig fields and base_checkpoint_dir")
     base = data.pop("base_checkpoint_dir", None)
     if not base and base_dir is None:
-        raise CheckpointError(f"{path}: base_checkpoint_dir is missing (the checkpoint the adapter was trained on)")
+        raise InputError(f"{path}: base_checkpoint_dir is missing (the checkpoint the adapter was trained on)")
     unknown = sorted(set(data) - {f.name for f in fields(LoRAConfig)})
     if unknown:
-        raise CheckpointError(f"{path}: unknown LoRAConfig field(s) {unknown}")
+        raise InputError(f"{path}: unknown LoRAConfig field(s) {unknown}")
     try:
         config = LoRAConfig(**data)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}".splitlines()[0]) from None
+        raise InputError(f"{path}: {e}".splitlines()[0]) from None
     if base_dir is not None:
         base_dir = Path(base_dir)
         if not (base_dir / CONFIG).is_file():
-            raise CheckpointError(f"{base_dir / CONFIG}: not found; the base of {lora_dir} must be a checkpoint "
-                                  "directory")
+            raise InputError(f"{base_dir / CONFIG}: not found; the base of {lora_dir} must be a checkpoint "
+                             "directory")
         return config, base_dir
     if not (Path(base) / CONFIG).is_file():
-        raise CheckpointError(f"{path}: base_checkpoint_dir {base} is not a checkpoint directory (no {CONFIG}); "
-                              "name the base checkpoint explicitly")
+        raise InputError(f"{path}: base_checkpoint_dir {base} is not a checkpoint directory (no {CONFIG}); "
+                         "name the base checkpoint explicitly")
     return config, Path(base)
 
 
@@ -316,16 +367,7 @@ def load_lora(model: GPT, lora_dir: str | Path) -> None:
     the dtype and device of the model's LoRA parameters)."""
     path = Path(lora_dir) / LORA_WEIGHTS
     state = load_state_dict(path)
-    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match {LORA_CONFIG} and the base model: missing {missing[:3]}"
-                              f"{'...' if len(missing) > 3 else ''} unexpected {unexpected[:3]}"
-                              f"{'...' if len(unexpected) > 3 else ''}")
-    for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, the base model implies "
-                                  f"{tuple(shape)}")
+    check_state_dict(model, state, path, lora=True)
     model.load_state_dict(state, strict=False)  # strict=False: the base tensors are not in the adapter
 
 
@@ -334,19 +376,10 @@ def load_lora_model(lora_dir: str | Path, device: str | torch.device = "cpu", dt
     """The adapter's base (base_checkpoint_dir from lora_config.yaml, or base_dir), quantised with `quantize`
     (a quantize.MODES key) if given, with the adapter on top and not merged; and the base directory used."""
     lora_config, base_dir = load_lora_config(lora_dir, base_dir)
-    if quantize is None:
-        model = load_model(base_dir, device=device, dtype=dtype)
-    else:
-        from quantize import MODES, quantize_model  # bitsandbytes only when asked for
-
-        if quantize not in MODES:
-            raise CheckpointError(f"unknown quantize mode {quantize!r}: expected one of {', '.join(MODES)}")
-        # float weights stay on the CPU; each goes to the device alone, to be quantised there
-        model = load_model(base_dir, device="cpu", dtype=dtype)
-        quantize_model(model, quantize, compute_dtype=dtype, device=device).to(device)
+    model = load_model(base_dir, device=device, dtype=dtype, quantize=quantize, compute_dtype=dtype)
     try:
         add_lora(model, lora_config)
     except ValueError as e:  # e.g. lm_head on a base with tied embeddings
-        raise CheckpointError(f"{Path(lora_dir) / LORA_CONFIG}: {e}") from None
+        raise InputError(f"{Path(lora_dir) / LORA_CONFIG}: {e}") from None
     load_lora(model, lora_dir)
     return model, base_dir

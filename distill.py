@@ -39,16 +39,16 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from checkpoint import (LORA_WEIGHTS, CheckpointError, check_state_dict, check_writable_directory, load_config,
-                        load_model, load_state_dict, read_json, require, save_checkpoint, save_lora)
+from checkpoint import (LORA_WEIGHTS, check_state_dict, check_writable_directory, compute_dtype, load_config,
+                        load_model, load_state_dict, read_chunk_index, read_json, require, save_checkpoint, save_lora,
+                        weights_dtype)
 from generation import generate_tokens
-from model import GPT, Block, Config, ConfigError, LoRAConfig, add_lora, is_lora_key
+from model import GPT, Block, Config, InputError, LoRAConfig, add_lora, is_lora_key
 from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state,
                       gather_trainable_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
-                      make_strategy, precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks,
-                      weights_dtype)
+                      make_strategy, precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
 METRICS = ["step", "tokens", "train_loss", "ce_loss", "kd_loss", "val_loss", "val_kd", "lr", "tokens_per_sec",
            "on_policy"]
@@ -202,7 +202,8 @@ def setup(
         logger: csv (always written), plus tensorboard or wandb when named.
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
-    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
+    # before any work: a file in the way is the user's (never replaced), and final/ is not an input
+    check_writable_directory(Path(out_dir) / "final", reads=[teacher_dir, student_dir])
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
@@ -228,30 +229,30 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
     check_kd_args(kd, on_policy_fraction, cache_topk, teacher_quantize, strategy, lora, student_dir)
     teacher_config = load_config(teacher_dir)
     if (student_dir is None) == (student_config is None):
-        raise CheckpointError("give --student_dir (a checkpoint) or --student_config (a preset), not both or neither")
+        raise InputError("give --student_dir (a checkpoint) or --student_config (a preset), not both or neither")
     if student_dir is not None:
         config = load_config(student_dir)
     else:
         try:
             config = Config.from_name(student_config, **student_overrides)
         except (ValueError, TypeError) as e:
-            raise CheckpointError(f"--student_config {student_config}: {e}") from None
+            raise InputError(f"--student_config {student_config}: {e}") from None
     # The student's checkpoints carry its own tokenizer files (its chat template), or the teacher's for a new student
     tokenizer_dir = Path(student_dir) if student_dir is not None else teacher_dir
     tokenizer = Tokenizer(teacher_dir)
     vocab = check_vocabularies(teacher_dir, tokenizer, student_dir, teacher_config, config)
     if teacher_config.block_size < config.block_size:
-        raise CheckpointError(f"the student's block_size {config.block_size} exceeds the teacher's "
-                              f"{teacher_config.block_size}: the teacher could not score whole sequences")
+        raise InputError(f"the student's block_size {config.block_size} exceeds the teacher's "
+                         f"{teacher_config.block_size}: the teacher could not score whole sequences")
     world = fabric.world_size
     if train.global_batch_size % (train.micro_batch_size * world):
-        raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
-                              f"micro_batch_size x world size = {train.micro_batch_size * world}")
+        raise InputError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                         f"micro_batch_size x world size = {train.micro_batch_size * world}")
     accum_steps = train.global_batch_size // (train.micro_batch_size * world)
     tokens_per_step = train.global_batch_size * config.block_size
     limits = [s for s in (train.max_steps, train.max_tokens and train.max_tokens // tokens_per_step) if s]
     if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
-        raise CheckpointError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
+        raise InputError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
     max_steps = min(limits)
 
     fabric.seed_everything(train.seed)
@@ -346,8 +347,8 @@ def fit(fabric, model, raw_model, optimizer, train_loader, val_loader, tokenizer
             sums += torch.stack([ce_sum.detach() * (not flag), kd_sum.detach(), loss.detach() / fabric.world_size])
         ce_total, kd_total, train_loss = fabric.all_reduce(sums, reduce_op="sum").tolist()
         if not math.isfinite(train_loss):
-            raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
-                                  "kept (try a lower --train.lr or --train.grad_clip)")
+            raise InputError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
+                             "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
             clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
@@ -559,34 +560,34 @@ def validate(fabric, model, raw_model, val_loader, max_batches: int) -> tuple[fl
 
 def check_kd_args(kd: KDArgs, on_policy_fraction, cache_topk, teacher_quantize, strategy, lora, student_dir) -> None:
     if not 0 <= kd.alpha <= 1:
-        raise CheckpointError(f"--kd.alpha must be in [0, 1], got {kd.alpha}")
+        raise InputError(f"--kd.alpha must be in [0, 1], got {kd.alpha}")
     if kd.temperature <= 0:
-        raise CheckpointError(f"--kd.temperature must be positive, got {kd.temperature}")
+        raise InputError(f"--kd.temperature must be positive, got {kd.temperature}")
     if kd.divergence not in DIVERGENCES:
-        raise CheckpointError(f"--kd.divergence {kd.divergence!r}: expected one of {', '.join(DIVERGENCES)}")
+        raise InputError(f"--kd.divergence {kd.divergence!r}: expected one of {', '.join(DIVERGENCES)}")
     if kd.divergence == "jsd" and not 0 < kd.beta < 1:
-        raise CheckpointError(f"--kd.beta must be in (0, 1) for jsd, got {kd.beta}; beta 0 and 1 are the limits "
-                              "--kd.divergence forward_kl and reverse_kl")
+        raise InputError(f"--kd.beta must be in (0, 1) for jsd, got {kd.beta}; beta 0 and 1 are the limits "
+                         "--kd.divergence forward_kl and reverse_kl")
     if kd.chunk_size is not None and kd.chunk_size < 1:
-        raise CheckpointError(f"--kd.chunk_size must be at least 1 (or null: no chunking), got {kd.chunk_size}")
+        raise InputError(f"--kd.chunk_size must be at least 1 (or null: no chunking), got {kd.chunk_size}")
     if not 0 <= on_policy_fraction <= 1:
-        raise CheckpointError(f"--on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        raise InputError(f"--on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
     if on_policy_fraction and kd.alpha == 1:
-        raise CheckpointError("--on_policy_fraction needs a KD term (--kd.alpha < 1): on-policy batches learn only it")
+        raise InputError("--on_policy_fraction needs a KD term (--kd.alpha < 1): on-policy batches learn only it")
     if on_policy_fraction and cache_topk:
-        raise CheckpointError("--on_policy_fraction needs a live teacher to score the student's samples; "
-                              "drop --cache_teacher_topk")
+        raise InputError("--on_policy_fraction needs a live teacher to score the student's samples; "
+                         "drop --cache_teacher_topk")
     if on_policy_fraction and strategy == "fsdp":
-        raise CheckpointError("--on_policy_fraction with --strategy fsdp: the student cannot sample from sharded "
-                              "weights; use ddp")
+        raise InputError("--on_policy_fraction with --strategy fsdp: the student cannot sample from sharded "
+                         "weights; use ddp")
     if teacher_quantize and strategy == "fsdp" and not cache_topk:
-        raise CheckpointError("--teacher_quantize with --strategy fsdp: a quantised teacher is not sharded; "
-                              "use one or the other")
+        raise InputError("--teacher_quantize with --strategy fsdp: a quantised teacher is not sharded; "
+                         "use one or the other")
     if cache_topk is not None and cache_topk < 1:
-        raise CheckpointError(f"--cache_teacher_topk must be at least 1, got {cache_topk}")
+        raise InputError(f"--cache_teacher_topk must be at least 1, got {cache_topk}")
     if lora is not None and student_dir is None:
-        raise CheckpointError("--lora adapts a trained student: give --student_dir (LoRA on a model trained from "
-                              "scratch would leave its random weights frozen)")
+        raise InputError("--lora adapts a trained student: give --student_dir (LoRA on a model trained from "
+                         "scratch would leave its random weights frozen)")
 
 
 def check_vocabularies(teacher_dir: Path, tokenizer: Tokenizer, student_dir: Path | None, teacher_config: Config,
@@ -605,15 +606,15 @@ def check_vocabularies(teacher_dir: Path, tokenizer: Tokenizer, student_dir: Pat
                 by_id_s = {i: t for t, i in student_vocab.items()}
                 differ = sorted(i for i in set(by_id_t) | set(by_id_s) if by_id_t.get(i) != by_id_s.get(i))
                 i = differ[0]
-                raise CheckpointError(
+                raise InputError(
                     f"the teacher's tokenizer ({len(teacher_vocab)} tokens, {teacher_dir}) and the student's "
                     f"({len(student_vocab)} tokens, {student_dir}) differ at {len(differ)} ids, e.g. id {i}: "
                     f"{by_id_t.get(i)!r} vs {by_id_s.get(i)!r}; distillation needs one tokenizer for both")
     n_tokens = tokenizer.vocab_size
     for who, c in (("teacher", teacher_config), ("student", config)):
         if c.vocab_size < n_tokens:
-            raise CheckpointError(f"the {who}'s vocab_size {c.vocab_size} is smaller than the tokenizer's {n_tokens} "
-                                  f"tokens; give the student the teacher's vocab_size {teacher_config.vocab_size}")
+            raise InputError(f"the {who}'s vocab_size {c.vocab_size} is smaller than the tokenizer's {n_tokens} "
+                             f"tokens; give the student the teacher's vocab_size {teacher_config.vocab_size}")
     return min(teacher_config.vocab_size, config.vocab_size)
 
 
@@ -622,15 +623,9 @@ def load_teacher(fabric, teacher_dir: Path, quantize: str | None, precision: str
     quantised, on the device it runs on (as quantize_model requires)."""
     if quantize is None:
         teacher = load_model(teacher_dir, dtype=weights_dtype(precision))
-    else:
-        from quantize import quantize_model  # bitsandbytes only when asked for
-        # what the 4-bit layers dequantise to for their matmuls: the half type of a mixed precision too
-        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
-        teacher = load_model(teacher_dir, device=fabric.device, dtype=dtype)
-        try:
-            quantize_model(teacher, quantize, compute_dtype=dtype)
-        except ValueError as e:
-            raise CheckpointError(f"--teacher_quantize: {e}") from None
+    else:  # the 4-bit layers dequantise to the matmuls' dtype: the half type of a mixed precision too
+        dtype = compute_dtype(precision)
+        teacher = load_model(teacher_dir, device=fabric.device, dtype=dtype, quantize=quantize, compute_dtype=dtype)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -665,19 +660,15 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
     world, micro_batch_size = fabric.world_size, train.micro_batch_size
     if data.format == "chunks":
         for d in data.train_dirs + ([data.val_dir] if data.val_dir else []):
-            if not (Path(d) / "index.json").is_file():
-                raise CheckpointError(f"{d}: no litdata chunks here (index.json missing); prepare the data first, "
-                                      "e.g. python data_prep/prepare_stdlib.py")
-            if "chunks" not in read_json(Path(d) / "index.json"):  # invalid JSON: read_json names the file
-                raise CheckpointError(f"{Path(d) / 'index.json'}: not a litdata index (no chunks); prepare it again")
+            read_chunk_index(d)
         # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
         # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
         datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1),
                                      shuffle=data.shuffle, drop_last=True, seed=train.seed) for d in data.train_dirs]
         for d, ds in zip(data.train_dirs, datasets):
             if len(ds) < micro_batch_size * world:
-                raise CheckpointError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer "
-                                      "than one micro-batch per rank; use more data or a smaller block_size")
+                raise InputError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer "
+                                 "than one micro-batch per rank; use more data or a smaller block_size")
         val_loader = None
         if data.val_dir:
             val_set = StreamingDataset(data.val_dir, item_loader=TokensLoader(block_size=config.block_size + 1),
@@ -688,9 +679,9 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
                 fabric.print(f"warning: {data.val_dir} holds less than one micro-batch per rank; no validation")
         return datasets, val_loader
     if data.format != "sft":
-        raise CheckpointError(f"--data.format {data.format!r}: expected chunks or sft")
+        raise InputError(f"--data.format {data.format!r}: expected chunks or sft")
     if not data.train_files:
-        raise CheckpointError("--data.format sft: name the JSON or JSONL files to train on with --data.train_files")
+        raise InputError("--data.format sft: name the JSON or JSONL files to train on with --data.train_files")
     train_set, val_set, stats = load_sft_data(
         data.train_files, tokenizer, prompt_style=data.prompt_style, mask_prompt=data.mask_prompt,
         max_seq_length=config.block_size, val_split=0.0 if data.val_files else data.val_split,
@@ -699,8 +690,8 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
                  f"{stats['train_tokens']:,} train tokens are targets; {stats['truncated']:,} example(s) truncated to "
                  f"{config.block_size} tokens, {stats['dropped']:,} dropped")
     if len(train_set) < train.global_batch_size:
-        raise CheckpointError(f"{len(train_set)} training examples, fewer than one --train.global_batch_size "
-                              f"({train.global_batch_size})")
+        raise InputError(f"{len(train_set)} training examples, fewer than one --train.global_batch_size "
+                         f"({train.global_batch_size})")
     # this rank's share of the held-out micro-batches, as many on every rank (under FSDP each forward is a collective)
     starts = range(0, len(val_set) - micro_batch_size + 1, micro_batch_size)
     starts = starts[:len(starts) // world * world][fabric.global_rank::world]
@@ -746,7 +737,7 @@ def ensure_teacher_cache(fabric, load, train_set, data: DataArgs, config: Config
     data is there already (load() gives the teacher then). meta.json records what a cache was built from; a mismatch
     is an error, never a silent reuse."""
     if K > vocab:
-        raise CheckpointError(f"--cache_teacher_topk {K} exceeds the compared vocabulary of {vocab} ids")
+        raise InputError(f"--cache_teacher_topk {K} exceeds the compared vocabulary of {vocab} ids")
     weights = teacher_dir / "model.safetensors"
     sources = data.train_dirs if data.format == "chunks" else [data.train_files]
     dirs, teacher = [], None
@@ -758,12 +749,12 @@ def ensure_teacher_cache(fabric, load, train_set, data: DataArgs, config: Config
                     val_files=data.val_files, split_seed=train.seed if data.format == "sft" else None)
         path = cache_dir / f"train-{i}"
         if (path / "meta.json").is_file():
-            old = json.loads((path / "meta.json").read_text())
+            old, _ = read_json(path / "meta.json"), read_chunk_index(path)  # corrupt files: one line naming them
             changed = [k for k in meta if old.get(k) != meta[k]]
             if changed:
                 key = changed[0]
-                raise CheckpointError(f"{path}: a teacher cache built for another {key} ({old.get(key)!r}, this run: "
-                                      f"{meta[key]!r}); delete it or pass another --teacher_cache_dir")
+                raise InputError(f"{path}: a teacher cache built for another {key} ({old.get(key)!r}, this run: "
+                                 f"{meta[key]!r}); delete it or pass another --teacher_cache_dir")
             fabric.print(f"reading the teacher's top-{K} logits from {path}")
         else:
             rank, world = fabric.global_rank, fabric.world_size
@@ -832,7 +823,7 @@ def make_cached_loader(fabric, cache_dirs: list[Path], data: DataArgs, micro_bat
     datasets = [StreamingDataset(str(d), shuffle=data.shuffle, drop_last=True, seed=seed) for d in cache_dirs]
     for d, ds in zip(cache_dirs, datasets):
         if len(ds) < micro_batch_size * fabric.world_size:
-            raise CheckpointError(f"{d}: {len(ds)} cached samples, fewer than one micro-batch per rank")
+            raise InputError(f"{d}: {len(ds)} cached samples, fewer than one micro-batch per rank")
     dataset = datasets[0] if len(datasets) == 1 else CombinedStreamingDataset(
         datasets, seed=seed, weights=data.weights, iterate_over_all=False)
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=data.num_workers, drop_last=True,
@@ -886,8 +877,7 @@ def load_training_state(fabric, path: Path, student: GPT, optimizer, train_loade
     saved = load_train_state(path)
     weights = path / (LORA_WEIGHTS if is_lora else "model.safetensors")
     state_dict = load_state_dict(weights)
-    if not is_lora:
-        check_state_dict(student, state_dict, weights)  # a step checkpoint of another student config
+    check_state_dict(student, state_dict, weights, lora=is_lora)  # a step checkpoint of another student or --lora
     # strict=False for an adapter: the base weights come from --student_dir, not from the step directory
     load_full_state(student, optimizer, state_dict, saved["optimizer"], strict=not is_lora)
     train_loader.load_state_dict(saved["train_loader"])
@@ -899,9 +889,9 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False, as_positional=False)  # --teacher_dir, not a positional argument
-    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
     except ValueError as e:  # jsonargparse reports a bad --lora.r (`LoRAConfig | None`) as no Union member matching,
-        if not isinstance(e.__cause__, ConfigError):  # the LoRAConfig error as its cause; other errors are bugs
+        if not isinstance(e.__cause__, InputError):  # the LoRAConfig error as its cause; other errors are bugs
             raise
         sys.exit(f"error: {e.__cause__}")

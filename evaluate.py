@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from checkpoint import CONFIG, WEIGHTS, CheckpointError, load_model, read_json, require
+from checkpoint import CONFIG, WEIGHTS, load_model, read_chunk_index, require, weights_dtype
 from data_prep.corpus import find_files, read_documents
 from generation import generate
-from model import GPT, IGNORE_INDEX
+from model import GPT, IGNORE_INDEX, InputError
 from tokenizer import Tokenizer
 
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 LIST_FLAGS = ("--checkpoint_dir", "--data")  # flags that take several values, as a shell glob gives them
 # Positions that go through the output head at once when scoring (as model.token_logprobs): the whole (B, T, vocab)
 # logits would take 34 GB in float32 for a 128k vocabulary at batch 8 x 8192
@@ -74,21 +73,19 @@ def main(
         device: auto (cuda when available), cpu, cuda, cuda:1, ...
         out: write the results as JSON here.
     """
-    dtype = PRECISIONS.get(precision)
-    if dtype is None:
-        raise CheckpointError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dtype = weights_dtype(precision, allowed=("32-true", "bf16-true", "16-true"))
     if (data is None) == (tasks is None):
-        raise CheckpointError("give --data (perplexity) or --tasks (lm-eval), one of the two")
+        raise InputError("give --data (perplexity) or --tasks (lm-eval), one of the two")
     # the results are written after the whole evaluation: check their place first
     if out is not None and (out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents)):
-        raise CheckpointError(f"--out {out}: expected a JSON file path, not a directory or a path under a file")
+        raise InputError(f"--out {out}: expected a JSON file path, not a directory or a path under a file")
     require(stride is None or stride >= 1, "--stride", stride, "a positive number of tokens (null: half a window)")
     require(batch_size >= 1, "--batch_size", batch_size, "a positive integer")
     checkpoints = find_checkpoints(checkpoint_dir if isinstance(checkpoint_dir, list) else [checkpoint_dir])
     if data is not None:
         data = data if isinstance(data, list) else [data]
         if missing := [p for p in data if not p.exists()]:
-            raise CheckpointError(f"--data {missing[0]}: no such file or directory")
+            raise InputError(f"--data {missing[0]}: no such file or directory")
     else:
         tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
         task_manager = make_task_manager(tasks, include_path)
@@ -100,12 +97,12 @@ def main(
         tokenizer = Tokenizer(checkpoint)
         seq_length = max_seq_length or model.config.block_size
         if not 1 < seq_length <= model.config.block_size:
-            raise CheckpointError(f"--max_seq_length {seq_length}: expected 2 to block_size "
-                                  f"({model.config.block_size})")
+            raise InputError(f"--max_seq_length {seq_length}: expected 2 to block_size "
+                             f"({model.config.block_size})")
         if data is not None:
             window_stride = seq_length // 2 if stride is None else stride
             if not 1 <= window_stride <= seq_length:
-                raise CheckpointError(f"--stride {window_stride}: expected 1 to max_seq_length ({seq_length})")
+                raise InputError(f"--stride {window_stride}: expected 1 to max_seq_length ({seq_length})")
             documents = load_documents(data, tokenizer)  # again for each checkpoint: their tokenizers may differ
             results[str(checkpoint)] = dict(perplexity(model, documents, seq_length, window_stride, batch_size),
                                             max_seq_length=seq_length, stride=window_stride,
@@ -125,8 +122,8 @@ def find_checkpoints(paths: list[Path]) -> list[Path]:
         if path.is_dir() and not (path / CONFIG).is_file():  # a run: step-XXXXXXXX sorts in training order
             run = sorted(path.glob("step-*")) + sorted(path.glob("final"))
             if not run:
-                raise CheckpointError(f"--checkpoint_dir {path}: neither a checkpoint ({CONFIG} not found) nor a "
-                                      "training run (no step-*/ or final/ in it)")
+                raise InputError(f"--checkpoint_dir {path}: neither a checkpoint ({CONFIG} not found) nor a "
+                                 "training run (no step-*/ or final/ in it)")
             found += run
         else:
             found.append(path)
@@ -134,8 +131,8 @@ def find_checkpoints(paths: list[Path]) -> list[Path]:
     for path in found:  # all of them, before the first evaluation starts
         for name in (CONFIG, WEIGHTS, "tokenizer.json"):
             if not (path / name).is_file():
-                raise CheckpointError(f"{path / name}: not found; a checkpoint directory holds {WEIGHTS}, {CONFIG} "
-                                      "and the tokenizer files")
+                raise InputError(f"{path / name}: not found; a checkpoint directory holds {WEIGHTS}, {CONFIG} "
+                                 "and the tokenizer files")
     return found
 
 
@@ -160,9 +157,7 @@ def read_chunks(chunk_dir: Path, block: int = 4096) -> torch.Tensor:
     of each chunk that does not fill one, so each chunk is read in blocks and its end token by token (reading all
     of it token by token runs at ~40k tokens/s). Item i of a TokensLoader dataset is block i in the order of
     index.json's chunks."""
-    index = read_json(chunk_dir / "index.json")  # before litdata reads it: invalid JSON is one line naming the file
-    if "chunks" not in index:
-        raise CheckpointError(f"{chunk_dir / 'index.json'}: not a litdata index (no chunks); prepare it again")
+    index = read_chunk_index(chunk_dir)
     from litdata import StreamingDataset, TokensLoader  # here, not above: it adds ~1.5 s to every start
 
     blocks = StreamingDataset(str(chunk_dir), item_loader=TokensLoader(block_size=block), shuffle=False)
@@ -191,7 +186,7 @@ def perplexity(model: GPT, documents: list[torch.Tensor], max_seq_length: int, s
     device = model.embed.weight.device
     windows = [(doc, *w) for doc in documents for w in strided_windows(len(doc), max_seq_length, stride)]
     if not windows:
-        raise CheckpointError("--data: no document has two tokens or more: nothing to score")
+        raise InputError("--data: no document has two tokens or more: nothing to score")
     windows.sort(key=lambda w: w[1] - w[2])  # longest first: similar lengths share a batch, less padding
     nll, n_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch"):
@@ -235,10 +230,10 @@ def make_task_manager(tasks: list[str], include_path: Path | None):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise CheckpointError("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+        raise InputError("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
     if include_path is not None:
         if not include_path.is_dir():
-            raise CheckpointError(f"--include_path {include_path}: not a directory")
+            raise InputError(f"--include_path {include_path}: not a directory")
         # Indexing lm-eval's ~15k built-in task configs takes ~15 s: skip it when --include_path has every task
         # asked for (groups may name built-in tasks, so they take the full index).
         local = TaskManager(include_path=str(include_path), include_defaults=False)
@@ -247,8 +242,8 @@ def make_task_manager(tasks: list[str], include_path: Path | None):
     manager = TaskManager(include_path=None if include_path is None else str(include_path))
     unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
     if unknown:
-        raise CheckpointError(f"--tasks: unknown task {', '.join(map(repr, unknown))}; `lm-eval ls tasks` lists "
-                              "them, --include_path DIR adds your own YAML")
+        raise InputError(f"--tasks: unknown task {', '.join(map(repr, unknown))}; `lm-eval ls tasks` lists "
+                         "them, --include_path DIR adds your own YAML")
     return manager
 
 
@@ -265,8 +260,8 @@ def make_lm(model: GPT, tokenizer: Tokenizer, batch_size: int, max_length: int):
     from lm_eval.api.model import TemplateLM
 
     if tokenizer.bos_id is None and tokenizer.eos_id is None:
-        raise CheckpointError("lm-eval needs a bos or eos token to condition a text's first token on; "
-                              "tokenizer_config.json names neither")
+        raise InputError("lm-eval needs a bos or eos token to condition a text's first token on; "
+                         "tokenizer_config.json names neither")
     return type("GPTLM", (GPTLM, TemplateLM), {})(model, tokenizer, batch_size, max_length)
 
 
@@ -375,7 +370,7 @@ class GPTLM:
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
                 max_gen_toks = kwargs.pop("max_gen_toks")
                 if max_gen_toks >= self.max_length:
-                    raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in max_length "
+                    raise InputError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in max_length "
                                      f"{self.max_length}")
                 # prompts keep their last max_length - max_gen_toks tokens, so generation always fits
                 prompts = [self.tok_encode(c)[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
@@ -449,5 +444,5 @@ if __name__ == "__main__":
     # No TF32 matmuls (generate.py allows them): in 32-true the scores match lm-eval's HF backend on the same weights
     try:
         CLI(main, args=gather_nargs(sys.argv[1:]), exit_on_error=False)
-    except (CheckpointError, ArgumentError, ValueError) as e:
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

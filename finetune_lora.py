@@ -30,15 +30,15 @@ import torch
 from jsonargparse import CLI
 from tqdm import tqdm
 
-from checkpoint import (LORA_WEIGHTS, CheckpointError, check_writable_directory, load_config, load_model,
-                        load_state_dict, require, save_lora)
+from checkpoint import (LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_model,
+                        load_state_dict, require, save_lora, weights_dtype)
 from generation import generate
-from model import Block, ConfigError, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
+from model import Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
 from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_trainable_state,
-                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
-                      precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks, weights_dtype)
+from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_trainable_state, load_full_state,
+                      load_train_state, lr_at, make_loggers, make_optimizer, make_strategy, precision_args,
+                      prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")  # quantize.MODES
@@ -150,11 +150,12 @@ def setup(
         logger: csv (always written), plus tensorboard or wandb when named.
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
-    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
+    # before any work: a file in the way is the user's (never replaced), and final/ is not an input
+    check_writable_directory(Path(out_dir) / "final", reads=[checkpoint_dir])
     if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise CheckpointError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+        raise InputError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
     if quantize is not None and strategy == "fsdp":
-        raise CheckpointError("--quantize: FSDP cannot shard bitsandbytes layers; use --strategy ddp")
+        raise InputError("--quantize: FSDP cannot shard bitsandbytes layers; use --strategy ddp")
     if fast_dev_run:
         train.epochs, train.max_steps = None, 4
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
@@ -176,42 +177,33 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, lora, quantize, out_di
     tokenizer = Tokenizer(checkpoint_dir)
     world = fabric.world_size
     if train.global_batch_size % (train.micro_batch_size * world):
-        raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
-                              f"micro_batch_size x world size = {train.micro_batch_size * world}")
+        raise InputError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                         f"micro_batch_size x world size = {train.micro_batch_size * world}")
     accum_steps = train.global_batch_size // (train.micro_batch_size * world)
     train_set, val_set = load_data(fabric, data, tokenizer, config.block_size, train.seed)
     if len(train_set) < train.global_batch_size:
-        raise CheckpointError(f"{len(train_set)} training examples, fewer than one --train.global_batch_size "
-                              f"({train.global_batch_size})")
+        raise InputError(f"{len(train_set)} training examples, fewer than one --train.global_batch_size "
+                         f"({train.global_batch_size})")
     sampler = StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size, fabric.global_rank, world,
                           train.seed)
     limits = [s for s in (train.epochs and train.epochs * sampler.steps_per_epoch, train.max_steps) if s]
     if not limits:  # the cosine schedule needs an end
-        raise CheckpointError("set --train.epochs or --train.max_steps")
+        raise InputError("set --train.epochs or --train.max_steps")
     max_steps = min(limits)
     prompt_ids = encode_prompt(eval.prompt, tokenizer, data.prompt_style)
     if len(prompt_ids) + eval.max_new_tokens > config.block_size:
-        raise CheckpointError(f"--eval.prompt is {len(prompt_ids)} tokens: with --eval.max_new_tokens "
-                              f"{eval.max_new_tokens} that exceeds block_size {config.block_size}")
+        raise InputError(f"--eval.prompt is {len(prompt_ids)} tokens: with --eval.max_new_tokens "
+                         f"{eval.max_new_tokens} that exceeds block_size {config.block_size}")
 
     fabric.seed_everything(train.seed)  # before add_lora: every rank draws the same initial A
-    # On the CPU first: the strategy moves (or shards) it to the devices in setup_module
-    model = load_model(checkpoint_dir, dtype=weights_dtype(precision))
-    if quantize is not None:
-        from quantize import quantize_model  # bitsandbytes only when asked for
-        # Quantised on the device it will run on (see quantize.py), one block at a time, so that the float model
-        # never has to fit there whole. 4-bit layers compute in the activations' dtype.
-        for block in model.layers:
-            quantize_model(block.to(fabric.device), quantize)
-        # The float tensors that stay (embedding, norms) are views of the memory-mapped checkpoint file, whose pages
-        # that quantisation read would stay resident with them: copy them out, and the mapping goes
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.clone()
+    # On the CPU first: the strategy moves (or shards) it to the devices in setup_module. Quantised: each layer is
+    # packed on the device it will run on (see quantize.py); 4-bit layers compute in the activations' dtype.
+    model = load_model(checkpoint_dir, device=fabric.device if quantize else "cpu", dtype=weights_dtype(precision),
+                       quantize=quantize)
     try:
         add_lora(model, lora)  # the targeted Linears become LoRALinear; only lora_* parameters train
     except ValueError as e:  # e.g. lm_head on a model with tied embeddings
-        raise CheckpointError(f"--lora.targets: {e}") from None
+        raise InputError(f"--lora.targets: {e}") from None
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
@@ -257,8 +249,8 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
         train_loss, aux_loss = step_loss(fabric, model, [collate(e, train_set.pad_id) for e in examples],
                                          raw_model.config.router_aux_loss_coef)
         if not math.isfinite(train_loss):
-            raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
-                                  "kept (try a lower --train.lr or --train.grad_clip)")
+            raise InputError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
+                             "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
             clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
@@ -353,10 +345,10 @@ def generate_sample(fabric, raw_model, tokenizer, prompt_ids: list[int], max_new
 
 def load_data(fabric, data: DataArgs, tokenizer: Tokenizer, block_size: int, seed: int):
     if not data.train_files:
-        raise CheckpointError("--data.train_files: name the JSON or JSONL files to train on")
+        raise InputError("--data.train_files: name the JSON or JSONL files to train on")
     max_seq_length = data.max_seq_length or block_size
     if max_seq_length > block_size:
-        raise CheckpointError(f"--data.max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
+        raise InputError(f"--data.max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
     train_set, val_set, stats = load_sft_data(
         data.train_files, tokenizer, prompt_style=data.prompt_style, mask_prompt=data.mask_prompt,
         max_seq_length=max_seq_length, val_split=0.0 if data.val_files else data.val_split, val_paths=data.val_files,
@@ -386,8 +378,10 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state
 
 def load_training_state(fabric, path: Path, raw_model, optimizer, sampler, state) -> None:
     saved = load_train_state(path)
+    adapter = load_state_dict(path / LORA_WEIGHTS)
+    check_state_dict(raw_model, adapter, path / LORA_WEIGHTS, lora=True)  # a step checkpoint of another --lora
     # strict=False: the file holds the adapter only; the frozen base came from checkpoint_dir
-    load_full_state(raw_model, optimizer, load_state_dict(path / LORA_WEIGHTS), saved["optimizer"], strict=False)
+    load_full_state(raw_model, optimizer, adapter, saved["optimizer"], strict=False)
     sampler.load_state_dict(saved["sampler"])
     restore_rng_states(fabric, saved, sampler.seed)
     state.update(step=saved["step"], tokens=saved["tokens"], train_time=saved["train_time"])
@@ -397,5 +391,5 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False)
-    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from jsonargparse import CLI
 
-from checkpoint import CheckpointError, load_model, require
+from checkpoint import load_model, require, weights_dtype
+from model import InputError
 from generation import generate, generate_tokens, use_decode_layout
 from tokenizer import Tokenizer
 
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 # For base models without a chat template: a plain transcript, and the turn marker that ends a reply.
 PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
                        "{% if add_generation_prompt %}Assistant:{% endif %}")
@@ -76,16 +76,14 @@ def main(
         lora_dir: a LoRA run's adapter directory, loaded on top of its base checkpoint.
         max_seq_length: KV-cache length in chat mode (prompt, history and replies); capped at block_size.
     """
-    dtype = PRECISIONS.get(precision)
-    if dtype is None:
-        raise CheckpointError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dtype = weights_dtype(precision, allowed=("32-true", "bf16-true", "16-true"))
     if quantize is not None:
         from quantize import MODES  # bitsandbytes loads only when asked for
 
         if quantize not in MODES:
-            raise CheckpointError(f"--quantize {quantize!r}: expected one of {', '.join(MODES)}")
+            raise InputError(f"--quantize {quantize!r}: expected one of {', '.join(MODES)}")
     if checkpoint_dir is None and lora_dir is None:
-        raise CheckpointError("--checkpoint_dir: required (or --lora_dir, whose config names its base)")
+        raise InputError("--checkpoint_dir: required (or --lora_dir, whose config names its base)")
     require(max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "a positive integer")
     # a negative temperature flips the distribution: it would sample the least likely tokens
     require(temperature >= 0, "--temperature", temperature, "0 (greedy) or more")
@@ -139,13 +137,7 @@ def load(checkpoint_dir, lora_dir, device, dtype, quantize):
         model, base_dir = load_lora_model(lora_dir, base_dir=checkpoint_dir, device=device, dtype=dtype,
                                           quantize=quantize)
         return model.eval(), base_dir if not (Path(lora_dir) / "tokenizer.json").is_file() else lora_dir
-    # Quantisation starts from the float weights on the CPU and packs each layer on its way to the device, so the
-    # float model never has to fit there.
-    model = load_model(checkpoint_dir, device="cpu" if quantize else device, dtype=dtype)
-    if quantize:
-        from quantize import quantize_model
-
-        model = quantize_model(model, quantize, compute_dtype=dtype, device=device).to(device)
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize, compute_dtype=dtype)
     return model.eval(), checkpoint_dir
 
 
@@ -227,10 +219,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def read_prompts(path: Path) -> list[str]:
     if not Path(path).is_file():
-        raise CheckpointError(f"--prompts_file {path}: not found")
+        raise InputError(f"--prompts_file {path}: not found")
     prompts = [line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise CheckpointError(f"--prompts_file {path}: no prompts (one per line)")
+        raise InputError(f"--prompts_file {path}: no prompts (one per line)")
     return prompts
 
 
@@ -281,5 +273,5 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(main, exit_on_error=False)
-    except (CheckpointError, ArgumentError, ValueError) as e:
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from model import GPT, linear
+from model import GPT, InputError, linear
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
@@ -113,11 +113,11 @@ def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *
     device = model.embed.weight.device
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
-        raise ValueError("empty prompt: generation needs at least one token to condition on")
+        raise InputError("empty prompt: generation needs at least one token to condition on")
     T = max(lengths)
     max_seq_length = max_seq_length or min(T + max_new_tokens, model.config.block_size)
     if T >= max_seq_length:
-        raise ValueError(f"the prompt has {T} tokens, which leaves no room to generate within the model's "
+        raise InputError(f"the prompt has {T} tokens, which leaves no room to generate within the model's "
                          f"block_size of {model.config.block_size} tokens")
     max_new_tokens = min(max_new_tokens, max_seq_length - T)
     pad = torch.tensor([T - n for n in lengths], device=device)

@@ -17,8 +17,9 @@ import torch.utils.checkpoint
 import yaml
 
 
-class ConfigError(ValueError):
-    """A Config or LoRAConfig value that makes no sense: scripts print it as one line, like CheckpointError."""
+class InputError(ValueError):
+    """Bad input a user can fix (a flag, a file, a Config or LoRAConfig value): every script prints it as one line,
+    'error: ...', and exits 1. A ValueError, as jsonargparse expects of a dataclass argument that rejects a value."""
 
 
 @dataclass
@@ -74,14 +75,14 @@ class Config:
                 continue
             kinds = (float, int) if kind is float else kind  # an int is a fine float; a bool is no int here
             if isinstance(value, bool) != (kind is bool) or not isinstance(value, kinds):
-                raise ConfigError(f"{f.name} {value!r}: expected {kind.__name__}{' or null' if optional else ''}")
+                raise InputError(f"{f.name} {value!r}: expected {kind.__name__}{' or null' if optional else ''}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)}: expected a positive integer")
+                raise InputError(f"{name} {getattr(self, name)}: expected a positive integer")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise InputError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
     @property
     def rope_n_elem(self) -> int:
@@ -92,9 +93,9 @@ class Config:
         if name not in name_to_config:
             close = [n for n in name_to_config if name.lower() in n.lower()]
             hint = f" Did you mean one of {close}?" if close else " See model.name_to_config for the list."
-            raise ConfigError(f"unknown model preset {name!r}.{hint}")
+            raise InputError(f"unknown model preset {name!r}.{hint}")
         if unknown := sorted(set(overrides) - {f.name for f in fields(cls)}):
-            raise ConfigError(f"unknown Config field(s) {unknown}")
+            raise InputError(f"unknown Config field(s) {unknown}")
         return cls(**{**name_to_config[name], **overrides})
 
     @classmethod
@@ -104,7 +105,7 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{path}: unknown Config field(s) {unknown}")
+            raise InputError(f"{path}: unknown Config field(s) {unknown}")
         return cls(**{**data, **overrides})
 
     def to_dict(self) -> dict:
@@ -706,14 +707,14 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
-            raise ConfigError(f"--lora.targets {list(self.targets)}: unknown target(s) {unknown or '(none given)'}; "
-                              f"choose from {', '.join(LORA_TARGETS)}")
+            raise InputError(f"--lora.targets {list(self.targets)}: unknown target(s) {unknown or '(none given)'}; "
+                             f"choose from {', '.join(LORA_TARGETS)}")
         if self.r < 1:
-            raise ConfigError(f"--lora.r {self.r}: expected a rank of at least 1")
+            raise InputError(f"--lora.r {self.r}: expected a rank of at least 1")
         if self.alpha <= 0:
-            raise ConfigError(f"--lora.alpha {self.alpha}: expected a positive number")
+            raise InputError(f"--lora.alpha {self.alpha}: expected a positive number")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--lora.dropout {self.dropout}: expected a probability in [0, 1)")
+            raise InputError(f"--lora.dropout {self.dropout}: expected a probability in [0, 1)")
 
     @property
     def scaling(self) -> float:

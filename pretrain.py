@@ -23,9 +23,9 @@ from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_state_dict, check_writable_directory, load_config, load_state_dict,
-                        read_json, require, save_checkpoint)
-from model import GPT, Block, Config, ConfigError, name_to_config, router_aux_loss
+from checkpoint import (check_state_dict, check_writable_directory, load_config, load_state_dict, read_chunk_index,
+                        require, save_checkpoint)
+from model import GPT, Block, Config, InputError, name_to_config, router_aux_loss
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StopSignal, clip_gradients, device_peak_flops, find_resume_dir, flops_per_token_of,
                       gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
@@ -43,10 +43,10 @@ class ModelArgs:
     def __post_init__(self):  # an unknown preset or field, or a value of the wrong type: before any work
         try:
             Config.from_name(self.name, **self.overrides)
-        except ConfigError as e:
+        except InputError as e:
             unknown_preset = self.name not in name_to_config
             flag = f"--model.name {self.name}" if unknown_preset else f"--model.overrides {self.overrides}"
-            raise CheckpointError(f"{flag}: {e}") from None
+            raise InputError(f"{flag}: {e}") from None
 
 
 @dataclass
@@ -156,7 +156,8 @@ def setup(
             measured matmul and the nominal cores x clock x FLOPs per cycle (training.device_peak_flops).
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
-    check_writable_directory(Path(out_dir))  # before any work: a file there is the user's, never replaced
+    # before any work: a file in the way is the user's (never replaced), and final/ is not an input
+    check_writable_directory(Path(out_dir) / "final", reads=[initial_checkpoint_dir, tokenizer_dir])
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
@@ -180,18 +181,18 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
         config = Config.from_name(model_args.name, **model_args.overrides)  # checked by ModelArgs
     world = fabric.world_size
     if train.global_batch_size % (train.micro_batch_size * world):
-        raise CheckpointError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
-                              f"micro_batch_size x world size = {train.micro_batch_size * world}")
+        raise InputError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of "
+                         f"micro_batch_size x world size = {train.micro_batch_size * world}")
     accum_steps = train.global_batch_size // (train.micro_batch_size * world)
     tokens_per_step = train.global_batch_size * config.block_size
     limits = [s for s in (train.max_steps, train.max_tokens and train.max_tokens // tokens_per_step) if s]
     if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
-        raise CheckpointError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
+        raise InputError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
     max_steps = min(limits)
     tokenizer_vocab = Tokenizer(tokenizer_dir).vocab_size if tokenizer_dir is not None else 0
     if tokenizer_vocab > config.vocab_size:
-        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has {tokenizer_vocab} tokens, "
-                              f"more than the model's vocab_size {config.vocab_size}")
+        raise InputError(f"{tokenizer_dir}: the tokenizer has {tokenizer_vocab} tokens, "
+                         f"more than the model's vocab_size {config.vocab_size}")
 
     fabric.seed_everything(train.seed)
     train_loader, val_loader = make_loaders(fabric, data, config, train.micro_batch_size, train.seed)
@@ -266,8 +267,8 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
         train_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item()
         aux_loss = None if aux_sum is None else fabric.all_reduce(aux_sum, reduce_op="mean").item()
         if not math.isfinite(train_loss):
-            raise CheckpointError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
-                                  "kept (try a lower --train.lr or --train.grad_clip)")
+            raise InputError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
+                             "kept (try a lower --train.lr or --train.grad_clip)")
         if train.grad_clip:
             clip_gradients(fabric, model, optimizer, train.grad_clip, step, out_dir)
         optimizer.step()
@@ -332,19 +333,15 @@ def validate(fabric, forward, val_loader, max_batches: int) -> float:
 
 def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, seed: int):
     for d in data.train_dirs + ([data.val_dir] if data.val_dir else []):
-        if not (Path(d) / "index.json").is_file():
-            raise CheckpointError(f"{d}: no litdata chunks here (index.json missing); prepare the data first, "
-                                  "e.g. python data_prep/prepare_stdlib.py")
-        if "chunks" not in read_json(Path(d) / "index.json"):  # invalid JSON: read_json names the file
-            raise CheckpointError(f"{Path(d) / 'index.json'}: not a litdata index (no chunks); prepare it again")
+        read_chunk_index(d)
     # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
     # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
     datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1), shuffle=data.shuffle,
                                  drop_last=True, seed=seed) for d in data.train_dirs]
     for d, ds in zip(data.train_dirs, datasets):
         if len(ds) < micro_batch_size * fabric.world_size:
-            raise CheckpointError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer than "
-                                  f"one micro-batch per rank; use more data or a smaller block_size")
+            raise InputError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer than "
+                             f"one micro-batch per rank; use more data or a smaller block_size")
     train_set = datasets[0] if len(datasets) == 1 else CombinedStreamingDataset(
         datasets, seed=seed, weights=data.weights, iterate_over_all=False)
     train_loader = StreamingDataLoader(train_set, batch_size=micro_batch_size, num_workers=data.num_workers,
@@ -386,5 +383,5 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     try:
         CLI(setup, exit_on_error=False)
-    except (CheckpointError, ConfigError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -27,8 +27,7 @@ import jinja2
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import CheckpointError
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, InputError
 from tokenizer import Tokenizer
 
 PROMPT_STYLES = ("auto", "chat_template", "alpaca")
@@ -43,8 +42,8 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers tells a template supports masks
 
 
-class DataError(CheckpointError):
-    """Bad SFT data, as `file:line: what was expected`; a CheckpointError, so scripts print it as one line."""
+class DataError(InputError):
+    """Bad SFT data, as `file:line: what was expected`; a InputError, so scripts print it as one line."""
 
 
 class SFTDataset(Dataset):
@@ -231,7 +230,7 @@ def encode_chat(where: str, messages: list[dict], tokenizer: Tokenizer) -> tuple
                         spans = None
                         break
                     spans.append((len(before), len(after)))
-    except (jinja2.TemplateError, CheckpointError) as e:
+    except (jinja2.TemplateError, InputError) as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
     if spans is None:
         raise DataError(f"{where}: the chat template does not render this conversation as growing prefixes, so the "

@@ -14,7 +14,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from checkpoint import CheckpointError, read_json
+from checkpoint import read_json
+from model import InputError
 
 
 class Tokenizer:
@@ -22,11 +23,11 @@ class Tokenizer:
         checkpoint_dir = Path(checkpoint_dir)
         path = checkpoint_dir / "tokenizer.json"
         if not path.is_file():
-            raise CheckpointError(f"{path}: not found; every checkpoint directory needs the tokenizer.json of its model")
+            raise InputError(f"{path}: not found; every checkpoint directory needs the tokenizer.json of its model")
         try:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception
-            raise CheckpointError(f"{path}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
         config = read_json(checkpoint_dir / "tokenizer_config.json", missing_ok=True)
         generation = read_json(checkpoint_dir / "generation_config.json", missing_ok=True)
 
@@ -41,8 +42,8 @@ class Tokenizer:
         eos_ids = generation.get("eos_token_id")  # an id, a list of ids, or null / absent (none: the eos alone)
         eos_ids = eos_ids if isinstance(eos_ids, list) else [] if eos_ids is None else [eos_ids]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
-            raise CheckpointError(f"{checkpoint_dir / 'generation_config.json'}: eos_token_id must be a token id, a "
-                                  f"list of them or null, got {generation['eos_token_id']!r}")
+            raise InputError(f"{checkpoint_dir / 'generation_config.json'}: eos_token_id must be a token id, a "
+                             f"list of them or null, got {generation['eos_token_id']!r}")
         self.stop_ids = sorted({*eos_ids, *([self.eos_id] if self.eos_id is not None else [])})
         self.chat_template = load_chat_template(checkpoint_dir, config)
 
@@ -78,7 +79,7 @@ class Tokenizer:
         """The rendered chat and the character spans of its {% generation %} blocks (the assistant's text, from
         which transformers' apply_chat_template(return_assistant_tokens_mask=True) builds its mask)."""
         if self.chat_template is None:
-            raise CheckpointError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+            raise InputError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
         # transformers passes its special_tokens_map; templates read these four
         context = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                        pad_token=self.pad_token or "", unk_token=self.unk_token or "", tools=None, documents=None)
@@ -137,7 +138,7 @@ def render_with_spans(template: jinja2.Template, **context) -> tuple[str, list[t
 
 
 def raise_template_error(message: str):
-    raise CheckpointError(f"chat template: {message}")
+    raise InputError(f"chat template: {message}")
 
 
 def load_chat_template(checkpoint_dir: Path, config: dict) -> str | None:

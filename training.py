@@ -16,13 +16,9 @@ import torch
 import torch.nn as nn
 from lightning.fabric.plugins.precision import HalfPrecision
 
-from checkpoint import CheckpointError, remove_stale_temporaries
-from model import GPT, Config, is_lora_key
+from checkpoint import remove_stale_temporaries, weights_dtype
+from model import Config, GPT, InputError, is_lora_key
 
-# Fabric precision -> the dtype a checkpoint's weights are loaded in: a "-true" half precision trains in that dtype;
-# 32-true and the mixed precisions keep float32 weights (autocast lowers the matmuls)
-PRECISIONS = {"32-true": torch.float32, "bf16-mixed": torch.float32, "16-mixed": torch.float32,
-              "bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -163,23 +159,24 @@ class HalfPrecisionFloat32Adapters(HalfPrecision):
 
 def precision_args(precision: str) -> dict:
     """Fabric's precision keyword for a --precision: the string, or for a "-true" half precision our plugin."""
-    if precision not in PRECISIONS:
-        raise CheckpointError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    weights_dtype(precision)  # an unknown --precision: one line
     if precision in ("bf16-true", "16-true"):
         return dict(plugins=[HalfPrecisionFloat32Adapters(precision)])
     return dict(precision=precision)
 
 
-def make_strategy(name: str, devices: int | str, num_nodes: int):
+def make_strategy(name: str, devices: int | str, num_nodes: int, shard=None):
+    """Fabric's strategy for --strategy. fsdp: FSDP2, each device a data-parallel rank, the model sharded by
+    shard(model, device_mesh) (default shard_blocks)."""
     if name == "fsdp":
         from lightning.fabric.strategies import ModelParallelStrategy
         # pure data parallelism over every device (Lightning's "auto" would make the devices of a node a TP group)
         per_node = devices if isinstance(devices, int) else max(torch.cuda.device_count(), 1)
-        return ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=per_node * num_nodes,
+        return ModelParallelStrategy(parallelize_fn=shard or shard_blocks, data_parallel_size=per_node * num_nodes,
                                      tensor_parallel_size=1, save_distributed_checkpoint=False)
     if name in ("auto", "ddp"):
         return name
-    raise CheckpointError(f"--strategy {name!r}: expected auto, ddp or fsdp")
+    raise InputError(f"--strategy {name!r}: expected auto, ddp or fsdp")
 
 
 def shard_blocks(model: GPT, device_mesh) -> GPT:
@@ -201,7 +198,7 @@ def make_loggers(name: str, out_dir: Path, project: str = "gptkit"):
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         return [WandbLogger(save_dir=out_dir, project=project)]
-    raise CheckpointError(f"--logger {name!r}: expected csv, tensorboard or wandb")
+    raise InputError(f"--logger {name!r}: expected csv, tensorboard or wandb")
 
 
 def clip_gradients(fabric, model, optimizer, max_norm: float, step: int, out_dir: Path) -> None:
@@ -211,8 +208,8 @@ def clip_gradients(fabric, model, optimizer, max_norm: float, step: int, out_dir
     norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
     if not torch.isfinite(norm):
-        raise CheckpointError(f"the gradient norm is {norm.item()} at step {step} although the loss is finite; the "
-                              f"last good checkpoint in {out_dir} is kept (try a lower --train.lr)")
+        raise InputError(f"the gradient norm is {norm.item()} at step {step} although the loss is finite; the "
+                         f"last good checkpoint in {out_dir} is kept (try a lower --train.lr)")
 
 
 class StopSignal:
@@ -293,12 +290,12 @@ def load_full_state(raw_model: nn.Module, optimizer, model_state: dict, optim_st
 def load_train_state(path: Path) -> dict:
     file = Path(path) / "state" / "train_state.pt"
     if not file.is_file():
-        raise CheckpointError(f"{file}: not found; resume from a step checkpoint (final/ has no training state)")
+        raise InputError(f"{file}: not found; resume from a step checkpoint (final/ has no training state)")
     try:
         return torch.load(file, weights_only=True)  # our own format, read without unpickling code
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many types; all mean the same here
-        raise CheckpointError(f"{file}: not a readable training state ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:80]}...); resume from another step checkpoint") from None
+        raise InputError(f"{file}: not a readable training state ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:80]}...); resume from another step checkpoint") from None
 
 
 def seed_ranks(fabric, seed: int) -> None:
@@ -349,7 +346,7 @@ def find_resume_dir(fabric, out_dir: Path, resume: str | None) -> Path | None:
         return None
     if resume != "auto":
         if not (Path(resume) / "state" / "train_state.pt").is_file():
-            raise CheckpointError(f"--resume {resume}: not a step checkpoint (state/train_state.pt missing)")
+            raise InputError(f"--resume {resume}: not a step checkpoint (state/train_state.pt missing)")
         return Path(resume)
     steps = sorted(p for p in out_dir.glob("step-*") if (p / "state" / "train_state.pt").is_file())
     return steps[-1] if steps else None
@@ -428,9 +425,6 @@ def cpu_nominal_flops(half: bool) -> tuple[float, str]:
     return flops, f"{flops / 1e9:,.0f} GFLOP/s = {threads} threads x {max(mhz):,.0f} MHz x {per_cycle} FLOPs/cycle"
 
 
-def weights_dtype(precision: str) -> torch.dtype:
-    """The dtype to load a checkpoint's weights in for a Fabric precision (see PRECISIONS)."""
-    return PRECISIONS.get(precision, torch.float32)
 
 
 def gather_trainable_state(raw_model: nn.Module, optimizer, with_optimizer: bool) -> tuple[dict, dict | None]:
@@ -492,6 +486,6 @@ class StepSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise CheckpointError(f"the checkpoint's data order was drawn with --train.seed {state['seed']}, "
-                                  f"not {self.seed}; resume with the same seed")
+            raise InputError(f"the checkpoint's data order was drawn with --train.seed {state['seed']}, "
+                             f"not {self.seed}; resume with the same seed")
         self.epoch, self.position = state["epoch"], state["position"]

@@ -24,7 +24,8 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidation
 from huggingface_hub.utils import filter_repo_objects
 from jsonargparse import CLI
 
-from checkpoint import TOKENIZER_FILES, CheckpointError
+from checkpoint import TOKENIZER_FILES
+from model import InputError
 from convert.from_hf import DTYPES, convert
 
 # The weights from_hf.py reads, in its order of preference. "model*" rather than "*.safetensors": Mistral's repos
@@ -48,7 +49,7 @@ def download(repo_id: str, *, revision: str | None = None, access_token: str | N
     # Separate directories: both hold a model.safetensors, with different tensor names
     hf_dir, out_dir = checkpoint_dir / "hf" / repo_id, checkpoint_dir / repo_id
     if dtype is not None and dtype not in DTYPES:  # before the download, not after gigabytes of it
-        raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
     api = HfApi(token=access_token)  # token None: huggingface_hub falls back to HF_TOKEN / the saved login
     try:
@@ -57,14 +58,14 @@ def download(repo_id: str, *, revision: str | None = None, access_token: str | N
         files = [s.rfilename for s in info.siblings or []]
         weights = next((p for p in (SAFETENSORS, BIN) if any(filter_repo_objects(files, allow_patterns=p))), None)
         if "config.json" not in files or weights is None:
-            raise CheckpointError(f"{repo_id}: not a transformers checkpoint that convert/from_hf.py reads (it needs "
-                                  f"config.json and model*.safetensors or pytorch_model*.bin; the repo has "
-                                  f"{', '.join(sorted(files)[:8]) or 'no files'}{'...' if len(files) > 8 else ''})")
+            raise InputError(f"{repo_id}: not a transformers checkpoint that convert/from_hf.py reads (it needs "
+                             f"config.json and model*.safetensors or pytorch_model*.bin; the repo has "
+                             f"{', '.join(sorted(files)[:8]) or 'no files'}{'...' if len(files) > 8 else ''})")
         wanted = ["config.json", *TOKENIZER_FILES, *weights]
         # Pin the commit model_info saw, so the listing we chose from and the files we fetch agree
         snapshot_download(repo_id, revision=info.sha, local_dir=hf_dir, allow_patterns=wanted, token=access_token)
     except (HFValidationError, httpx2.HTTPError, OSError) as e:  # HfHubHTTPError is both of the last two
-        raise CheckpointError(explain(e, repo_id, revision, api.endpoint)) from None
+        raise InputError(explain(e, repo_id, revision, api.endpoint)) from None
 
     # A download of another revision may have left weights here that from_hf.py would prefer (an old index beside
     # a new single file); keep only this revision's files (subfolders such as .cache/ are huggingface_hub's).
@@ -110,5 +111,5 @@ def explain(e: Exception, repo_id: str, revision: str | None, endpoint: str) -> 
 if __name__ == "__main__":
     try:
         CLI(download, as_positional=True, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

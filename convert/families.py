@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checkpoint import CheckpointError
-from model import Config, ConfigError
+from model import Config, InputError
 
 
-class UnsupportedModel(CheckpointError):
+class UnsupportedModel(InputError):
     pass
 
 
@@ -185,7 +184,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> Config:
                   attn_out_bias=bool(get("attention_bias")), mlp_bias=True)
     try:
         config = Config(**kw)
-    except ConfigError as e:  # e.g. a field of config.json with the wrong type
+    except InputError as e:  # e.g. a field of config.json with the wrong type
         raise UnsupportedModel(f"{source}: {e}") from None
     check_layer_types(hf, config, source)
     return config

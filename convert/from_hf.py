@@ -20,9 +20,9 @@ import torch
 from jsonargparse import CLI
 from safetensors import SafetensorError, safe_open
 
-from checkpoint import CheckpointError, read_json, save_checkpoint
+from checkpoint import check_writable_directory, read_json, save_checkpoint
 from convert.families import config_from_hf, family_for, hf_name, is_ignored, split_fused
-from model import GPT
+from model import GPT, InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,8 +36,9 @@ def convert(hf_dir: Path, *, out_dir: Path, dtype: str | None = None) -> Path:
         dtype: cast the weights to float32, bfloat16 or float16; default: keep the stored dtype.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_writable_directory(out_dir, reads=[hf_dir])
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     hf_config = read_json(hf_dir / "config.json")
     config = config_from_hf(hf_config, str(hf_dir / "config.json"))
     config.name = hf_dir.name
@@ -62,13 +63,13 @@ def convert(hf_dir: Path, *, out_dir: Path, dtype: str | None = None) -> Path:
                 state[parts[part]] = t
     for ours, shape in expected.items():
         if state[ours].shape != shape:
-            raise CheckpointError(f"{hf_tensors.file_of(hf_name(family, ours)[0])}: {hf_name(family, ours)[0]} has shape "
-                                  f"{tuple(state[ours].shape)}, config.json implies {tuple(shape)}")
+            raise InputError(f"{hf_tensors.file_of(hf_name(family, ours)[0])}: {hf_name(family, ours)[0]} has shape "
+                             f"{tuple(state[ours].shape)}, config.json implies {tuple(shape)}")
     leftover = [k for k in hf_tensors.names() if k not in sources and not is_ignored(family, k)
                 and not (config.tie_embeddings and k == hf_name(family, "lm_head.weight")[0])]
     if leftover:
-        raise CheckpointError(f"{hf_tensors.file_of(leftover[0])}: {len(leftover)} tensor(s) that model_type "
-                              f"{family.model_type!r} does not use, e.g. {leftover[0]!r}")
+        raise InputError(f"{hf_tensors.file_of(leftover[0])}: {len(leftover)} tensor(s) that model_type "
+                         f"{family.model_type!r} does not use, e.g. {leftover[0]!r}")
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     return save_checkpoint(out_dir, config, state, tokenizer_dir=hf_dir,
@@ -87,8 +88,8 @@ class HFWeights:
         else:
             single = next((hf_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (hf_dir / n).is_file()), None)
             if single is None:
-                raise CheckpointError(f"{hf_dir}: no weights found (expected model.safetensors, "
-                                      "model.safetensors.index.json or pytorch_model.bin)")
+                raise InputError(f"{hf_dir}: no weights found (expected model.safetensors, "
+                                 "model.safetensors.index.json or pytorch_model.bin)")
             self.where = {k: single for k in self._open(single).keys()}
         self.opened = {}
 
@@ -100,7 +101,7 @@ class HFWeights:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise CheckpointError(f"{self.hf_dir}: tensor {name!r} is missing from the weights")
+            raise InputError(f"{self.hf_dir}: tensor {name!r} is missing from the weights")
         path = self.where[name]
         if path not in self.opened:
             self.opened[path] = self._open(path)
@@ -108,26 +109,26 @@ class HFWeights:
         try:
             return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
         except (SafetensorError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot read {name!r} ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: cannot read {name!r} ({str(e).splitlines()[0]})") from None
 
     @staticmethod
     def _open(path: Path):
         if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the index but not found")
+            raise InputError(f"{path}: listed in the index but not found")
         if path.suffix == ".safetensors":
             try:
                 return safe_open(path, framework="pt")
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+                raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
         try:
             # weights_only refuses any pickle that would construct arbitrary objects or call code
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean the same to a user
-            raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 if __name__ == "__main__":
     try:
         CLI(convert, as_positional=True, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

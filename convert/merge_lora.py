@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from jsonargparse import CLI
 
-from checkpoint import LORA_CONFIG, CheckpointError, load_lora, load_lora_config, load_model, save_checkpoint
-from model import add_lora, merge_lora
+from checkpoint import LORA_CONFIG, check_writable_directory, load_lora, load_lora_config, load_model, save_checkpoint
+from model import InputError, add_lora, merge_lora
 
 
 def merge(*, lora_dir: Path, out_dir: Path, base_dir: Path | None = None) -> Path:
@@ -32,15 +32,14 @@ def merge(*, lora_dir: Path, out_dir: Path, base_dir: Path | None = None) -> Pat
     """
     lora_dir, out_dir = Path(lora_dir), Path(out_dir)
     lora_config, base_dir = load_lora_config(lora_dir, base_dir)
-    if out_dir.resolve() in (lora_dir.resolve(), base_dir.resolve()):
-        raise CheckpointError(f"--out_dir {out_dir}: would replace the adapter or the base it is merged from")
+    check_writable_directory(out_dir, reads=[lora_dir, base_dir])
     model = load_model(base_dir)  # as stored: its dtypes are the ones to write back
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     model.float()
     try:
         add_lora(model, lora_config)
     except ValueError as e:  # e.g. lm_head on a base with tied embeddings
-        raise CheckpointError(f"{lora_dir / LORA_CONFIG}: {e}") from None
+        raise InputError(f"{lora_dir / LORA_CONFIG}: {e}") from None
     load_lora(model, lora_dir)
     merge_lora(model)
     state = {k: v.to(dtypes[k]) for k, v in model.state_dict().items()}
@@ -55,5 +54,5 @@ def merge(*, lora_dir: Path, out_dir: Path, base_dir: Path | None = None) -> Pat
 if __name__ == "__main__":
     try:
         CLI(merge, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

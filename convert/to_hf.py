@@ -16,9 +16,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from jsonargparse import CLI
 from safetensors.torch import save_file
 
-from checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_directory, copy_tokenizer_files, load_config, \
-    load_state_dict, read_json
+from checkpoint import atomic_directory, check_writable_directory, copy_tokenizer_files, load_config, load_state_dict, \
+    read_json, WEIGHTS
 from convert.families import FAMILIES, config_to_hf, hf_name, join_fused
+from model import InputError
 
 
 def convert(checkpoint_dir: Path, *, out_dir: Path) -> Path:
@@ -29,6 +30,7 @@ def convert(checkpoint_dir: Path, *, out_dir: Path) -> Path:
         out_dir: the Hugging Face directory to write (replaced atomically when complete).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_writable_directory(out_dir, reads=[checkpoint_dir])
     config = load_config(checkpoint_dir)
     hf_config = config_to_hf(config)
     family = FAMILIES[config.hf_model_type]
@@ -62,5 +64,5 @@ def convert(checkpoint_dir: Path, *, out_dir: Path) -> Path:
 if __name__ == "__main__":
     try:
         CLI(convert, as_positional=True, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e} (is it a checkpoint directory with {WEIGHTS} and {CONFIG}?)")
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

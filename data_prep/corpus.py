@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from checkpoint import CheckpointError
+from model import InputError
 
 
 def find_files(inputs: str | list[str], pattern: str = "*", exclude: list[str] = ()) -> list[Path]:
@@ -21,9 +21,9 @@ def find_files(inputs: str | list[str], pattern: str = "*", exclude: list[str] =
         elif path.is_file():
             files.append(path)
         else:
-            raise CheckpointError(f"{path}: no such file or directory")
+            raise InputError(f"{path}: no such file or directory")
     if not files:
-        raise CheckpointError(f"no input files found in {', '.join(map(str, inputs))} matching {pattern!r}")
+        raise InputError(f"no input files found in {', '.join(map(str, inputs))} matching {pattern!r}")
     return files
 
 
@@ -51,8 +51,8 @@ def read_documents(path: Path, text_field: str = "text", keep_row=None) -> Itera
                         row = json.loads(line)
                         text = row[text_field]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise CheckpointError(f"{path}:{line_no}: expected a JSON object with a "
-                                              f"{text_field!r} string field") from None
+                        raise InputError(f"{path}:{line_no}: expected a JSON object with a "
+                                         f"{text_field!r} string field") from None
                     if text and (keep_row is None or keep_row(row)):
                         yield text
         else:

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from jsonargparse import CLI
 
-from checkpoint import CheckpointError
+from model import InputError
 from data_prep.corpus import find_files
 from data_prep.prepare_text import report, tokenize_to_chunks
 
@@ -49,5 +49,5 @@ def not_github(row: dict) -> bool:
 if __name__ == "__main__":
     try:
         CLI(main, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -14,7 +14,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from jsonargparse import CLI
 
-from checkpoint import CheckpointError, require
+from checkpoint import require
+from model import InputError
 from data_prep import prepare_text, train_tokenizer
 
 # The stdlib without its test suites, bundled tools and whatever pip installed beside it
@@ -47,5 +48,5 @@ def main(tokenizer_dir: Path = Path("checkpoints/stdlib-tokenizer"), out_dir: Pa
 if __name__ == "__main__":
     try:
         CLI(main, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

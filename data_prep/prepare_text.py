@@ -25,7 +25,8 @@ import torch
 from jsonargparse import CLI
 from litdata import TokensLoader, optimize
 
-from checkpoint import CheckpointError, atomic_directory, check_writable_directory, require
+from checkpoint import atomic_directory, check_writable_directory, require
+from model import InputError
 from data_prep.corpus import find_files, read_documents
 from tokenizer import Tokenizer
 
@@ -67,13 +68,14 @@ def tokenize_to_chunks(splits: dict[Path, list[Path]], tokenizer_dir: Path, text
     was there only once every split is complete and, together, they hold at least one document. A split with no
     files is not written."""
     splits = {Path(d): files for d, files in splits.items() if files}
+    inputs = [f for files in splits.values() for f in files]
     for out_dir in splits:
-        check_writable_directory(out_dir)  # now, not after tokenizing the splits before it
+        check_writable_directory(out_dir, reads=[tokenizer_dir, *inputs])  # now, not after the splits before it
     if not splits:
         return
     tokenizer = Tokenizer(tokenizer_dir)  # fail here, not in a worker, if the tokenizer is bad
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
-        raise CheckpointError(f"{tokenizer_dir}: the tokenizer needs bos and eos tokens to separate documents")
+        raise InputError(f"{tokenizer_dir}: the tokenizer needs bos and eos tokens to separate documents")
     with ExitStack() as stack:  # an error anywhere inside discards every split's temporary directory
         written = {}
         for out_dir, files in splits.items():
@@ -82,17 +84,25 @@ def tokenize_to_chunks(splits: dict[Path, list[Path]], tokenizer_dir: Path, text
             # the cores shared out between the workers: each worker's encoder threads on top of the other workers'
             # oversubscribe the machine (2 workers x 2 threads on 2 cores: 575-625k tokens/s, x 1 thread: 650-750k)
             threads = max(1, (os.cpu_count() or 1) // split_workers)
-            optimize(fn=TokenizeFile(tokenizer_dir, text_field, keep_row, threads), inputs=[str(f) for f in files],
-                     output_dir=str(tmp), num_workers=split_workers, chunk_bytes=chunk_bytes,
-                     item_loader=TokensLoader(), mode="overwrite", start_method="fork")
+            errors = tmp.with_name(tmp.name + ".err")
+            tokenize = TokenizeFile(tokenizer_dir, text_field, keep_row, threads, errors)
+            try:
+                optimize(fn=tokenize, inputs=[str(f) for f in files], output_dir=str(tmp), num_workers=split_workers,
+                         chunk_bytes=chunk_bytes, item_loader=TokensLoader(), mode="overwrite", start_method="fork")
+            except RuntimeError:  # litdata wraps a worker's exception in its traceback: a user's error is one line
+                if not errors.is_file():
+                    raise
+                raise InputError(errors.read_text().splitlines()[0]) from None
+            finally:
+                errors.unlink(missing_ok=True)
         # the workers skip what they cannot read (not UTF-8) with a warning: no documents at all is an error here,
         # or an empty dataset would replace a good one and pretraining would find nothing in it
         documents = {out_dir: count(tmp)[0] for out_dir, tmp in written.items()}
         if not any(documents.values()):
-            files = [f for split_files_ in splits.values() for f in split_files_]
-            what = f"{files[0]} holds" if len(files) == 1 else f"the {len(files)} input files ({files[0]}, ...) hold"
-            raise CheckpointError(f"no documents: {what} no text that is UTF-8 and not filtered out; nothing "
-                                  f"replaced in {', '.join(map(str, splits))}")
+            what = (f"{inputs[0]} holds" if len(inputs) == 1
+                    else f"the {len(inputs)} input files ({inputs[0]}, ...) hold")
+            raise InputError(f"no documents: {what} no text that is UTF-8 and not filtered out; nothing "
+                             f"replaced in {', '.join(map(str, splits))}")
         for out_dir in (d for d, n in documents.items() if n == 0):  # e.g. val drew only unreadable files
             warnings.warn(f"{out_dir}: no documents: its {len(splits[out_dir])} input file(s) hold no text that is "
                           "UTF-8 and not filtered out", stacklevel=2)
@@ -108,11 +118,13 @@ def report(*chunk_dirs: Path, start: float) -> None:
 
 
 class TokenizeFile:
-    """What each worker runs on one file: yields one token tensor per document (bos ... eos)."""
+    """What each worker runs on one file: yields one token tensor per document (bos ... eos). A file the user must
+    fix (a JSONL line without the text field) is also reported in `errors`, for the main process to print."""
 
-    def __init__(self, tokenizer_dir: Path, text_field: str, keep_row=None, threads: int = 1):
+    def __init__(self, tokenizer_dir: Path, text_field: str, keep_row=None, threads: int = 1,
+                 errors: Path | None = None):
         self.tokenizer_dir, self.text_field, self.keep_row, self.threads = tokenizer_dir, text_field, keep_row, threads
-        self.tokenizer = None
+        self.errors, self.tokenizer = errors, None
 
     def __call__(self, path: str):
         if self.tokenizer is None:  # loaded once per worker process, before its encoder starts any thread
@@ -120,7 +132,13 @@ class TokenizeFile:
             os.environ["RAYON_NUM_THREADS"] = str(self.threads)
             self.tokenizer = Tokenizer(self.tokenizer_dir)
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
-        documents = list(read_documents(Path(path), self.text_field, self.keep_row))
+        try:
+            documents = list(read_documents(Path(path), self.text_field, self.keep_row))
+        except InputError as e:
+            if self.errors is not None:
+                with open(self.errors, "a", encoding="utf-8") as f:
+                    f.write(f"{e}\n")
+            raise
         for start in range(0, len(documents), 256):  # the Rust encoder parallelises a batch
             for encoding in self.tokenizer.backend.encode_batch(documents[start:start + 256], add_special_tokens=False):
                 yield torch.tensor([bos, *encoding.ids, eos], dtype=torch.int32)
@@ -151,5 +169,5 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         CLI(main, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

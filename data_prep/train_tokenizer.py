@@ -16,7 +16,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from jsonargparse import CLI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from checkpoint import CheckpointError, atomic_directory, check_writable_directory, require
+from checkpoint import atomic_directory, check_writable_directory, require
+from model import InputError
 from data_prep.corpus import find_files, iter_documents
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -38,8 +39,8 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
     """
     require(vocab_size >= MIN_VOCAB, "--vocab_size", vocab_size, f"at least {MIN_VOCAB} (256 bytes, {BOS} and {EOS})")
     require(max_files is None or max_files >= 1, "--max_files", max_files, "a positive integer or null (all)")
-    check_writable_directory(out_dir)  # now, not after the training
     files = find_files(inputs, pattern, exclude)[:max_files]
+    check_writable_directory(out_dir, reads=files)  # now, not after the training
     tokenizer = Tokenizer(models.BPE())
     # Byte-level: every byte is in the alphabet, so no text is ever unknown
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -56,7 +57,7 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
     tokenizer.train_from_iterator(counted(iter_documents(files, text_field)), trainer=trainer)
     if n_documents == 0:  # every file empty or skipped: a tokenizer of bytes alone must not replace a trained one
         what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} input files are"
-        raise CheckpointError(f"no text to train on: {what} empty or not UTF-8; {out_dir} is left as it was")
+        raise InputError(f"no text to train on: {what} empty or not UTF-8; {out_dir} is left as it was")
     bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     # Every encoding starts with bos, as Llama's tokenizer does: prompts then look like training documents
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
@@ -74,5 +75,5 @@ def main(*, inputs: str | list[str], out_dir: Path, vocab_size: int = 8192, patt
 if __name__ == "__main__":
     try:
         CLI(main, exit_on_error=False)
-    except (CheckpointError, ArgumentError) as e:  # bad input: one line, no traceback
+    except (InputError, ArgumentError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

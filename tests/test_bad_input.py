@@ -19,11 +19,11 @@ import finetune_full
 import finetune_lora
 import generate
 import pretrain
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import save_checkpoint, save_lora
 from conftest import ROOT
-from convert import from_hf
+from convert import from_hf, merge_lora, to_hf
 from data_prep import prepare_text, train_tokenizer
-from model import GPT, Config, ConfigError
+from model import GPT, Config, InputError, LoRAConfig, add_lora, lora_state_dict
 from test_pretrain import write_corpus
 
 VOCAB, BLOCK = 320, 32  # the tiny tokenizer's size (256 byte symbols, 2 specials and a few merges); a short block
@@ -58,6 +58,23 @@ def tiny(tmp_path_factory) -> Path:
     config_file.write_text(config_file.read_text().replace("n_layer: 2", "n_layer: two"))
     (root / "not_json").mkdir()
     (root / "not_json" / "index.json").write_text('{"chunks": [')
+    # an adapter to merge, and a LoRA step checkpoint of rank 2 (the default --lora.r is 8) on a base whose block
+    # holds finetuning's Alpaca prompts
+    model = GPT(config)
+    add_lora(model, LoRAConfig(r=2))
+    save_lora(root / "lora", LoRAConfig(r=2), lora_state_dict(model), root / "base", root / "tokenizer")
+    longer = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=256)
+    save_checkpoint(root / "base256", longer, GPT(longer).state_dict(), tokenizer_dir=root / "tokenizer")
+    save_lora(root / "lora_run" / "step-00000004", LoRAConfig(r=2), lora_state_dict(model), root / "base256",
+              root / "tokenizer", train_state=dict(step=4, tokens=0, train_time=0.0))
+    to_hf.convert(root / "base", out_dir=root / "hf")
+    save_checkpoint(root / "run" / "final", config, GPT(config).state_dict(), tokenizer_dir=root / "tokenizer")
+    (root / "sft.jsonl").write_text("".join(json.dumps(dict(instruction=f"say {i}", output=f"{i} " * 3)) + "\n"
+                                            for i in range(8)))
+    write_corpus(root / "nested" / "train", n_files=2)  # a corpus in a folder named like a split
+    # a distillation run's teacher cache whose meta.json was cut short
+    (root / "cache" / "train-0").mkdir(parents=True)
+    (root / "cache" / "train-0" / "meta.json").write_text('{"teacher": ')
     return root
 
 
@@ -92,7 +109,7 @@ def cli_error(script, args: list[str]) -> str:
     """The error a script's command line stops with, run in this process: what its __main__ prints after 'error: '."""
     entry = getattr(script, "setup", None) or script.main
     kwargs = dict(as_positional=False) if script is distill else {}
-    with pytest.raises((CheckpointError, ConfigError)) as e:
+    with pytest.raises(InputError) as e:
         CLI(entry, args=args, exit_on_error=False, **kwargs)
     assert "\n" not in str(e.value)
     return str(e.value)
@@ -166,6 +183,14 @@ BAD_FILES = [
     (generate, lambda t: ["--checkpoint_dir", str(t / "wrong_type")], "wrong_type/model_config.yaml",
      "n_layer 'two': expected int"),
     (evaluate, lambda t: ["--data", str(t / "not_json")], "not_json/index.json", "invalid JSON"),
+    (finetune_lora, lambda t: ["--checkpoint_dir", str(t / "base256"), "--data.train_files", str(t / "sft.jsonl"),
+                               "--data.val_split", "0",
+                               "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+                               "--resume", str(t / "lora_run" / "step-00000004")],
+     "step-00000004/lora.safetensors", "has shape (2, 64), lora_config.yaml and the base model implies (8, 64)"),
+    (distill, lambda t: ["--data.train_dirs", json.dumps([str(t / "chunks" / "train")]), "--data.val_dir", "null",
+                         "--cache_teacher_topk", "4", "--teacher_cache_dir", str(t / "cache")],
+     "cache/train-0/meta.json", "invalid JSON"),
     (evaluate, lambda t: ["--data", str(t / "corpus"), "--out", str(t / "corpus")], "--out",
      "not a directory"),
 ]
@@ -180,9 +205,54 @@ def test_a_corrupt_or_unfitting_file_is_named(tiny, tmp_path, script, flags, cul
     assert digest(tiny) == before
 
 
+# (script, its arguments given the fixture's root and the output directory's parent): an output directory that is,
+# or holds, what the run reads would be replaced by its output
+OUTPUT_OVER_INPUT = [
+    (to_hf, lambda t, o: [str(t / "base"), "--out_dir", str(t / "base")], "base"),
+    (to_hf, lambda t, o: [str(t / "base"), "--out_dir", str(t)], "base"),
+    (from_hf, lambda t, o: [str(t / "hf"), "--out_dir", str(t / "hf")], "hf"),
+    (merge_lora, lambda t, o: ["--lora_dir", str(t / "lora"), "--out_dir", str(t / "base")], "base"),
+    (train_tokenizer, lambda t, o: ["--inputs", str(t / "corpus"), "--out_dir", str(t / "corpus"),
+                                    "--vocab_size", str(VOCAB)], "corpus"),
+    (prepare_text, lambda t, o: ["--inputs", str(t / "nested"), "--tokenizer_dir", str(t / "tokenizer"),
+                                 "--out_dir", str(t / "nested")], "nested/train"),
+    (finetune_full, lambda t, o: ["--checkpoint_dir", str(t / "run" / "final"), "--out_dir", str(t / "run")], "final"),
+    (pretrain, lambda t, o: pretrain_args(t, o, "--initial_checkpoint_dir", str(t / "run" / "final"),
+                                          "--out_dir", str(t / "run")), "final"),
+]
+
+
+@pytest.mark.parametrize("script,args,culprit", OUTPUT_OVER_INPUT,
+                         ids=[f"{s.__name__.split('.')[-1]}-{i}" for i, (s, _, _) in enumerate(OUTPUT_OVER_INPUT)])
+def test_an_output_directory_never_replaces_an_input(tiny, tmp_path, script, args, culprit):
+    """Before: convert/to_hf.py CHECKPOINT --out_dir CHECKPOINT replaced the user's checkpoint with the export."""
+    before = digest(tiny)
+    entry = getattr(script, "setup", None) or getattr(script, "main", None) or getattr(script, "merge", None) \
+        or script.convert
+    with pytest.raises(InputError) as e:
+        CLI(entry, args=args(tiny, tmp_path), exit_on_error=False, as_positional=script in (to_hf, from_hf))
+    assert "which this run reads" in str(e.value) and culprit in str(e.value), str(e.value)
+    assert digest(tiny) == before
+
+
+def test_a_jsonl_line_without_the_text_field_is_one_line_from_a_worker(tiny, tmp_path):
+    """The check runs in litdata's worker processes, which wrap what they raise in their own traceback."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(2):
+        (corpus / f"part{i}.jsonl").write_text("".join(json.dumps(dict(text=f"document {j}")) + "\n" for j in range(5)))
+    with open(corpus / "part1.jsonl", "a") as f:
+        f.write(json.dumps(dict(txt="the wrong field")) + "\n")
+    with pytest.raises(InputError) as e:
+        prepare_text.main(inputs=str(corpus), tokenizer_dir=tiny / "tokenizer", out_dir=tmp_path / "out", workers=2,
+                          val_fraction=0.0)
+    assert str(e.value) == f"{corpus / 'part1.jsonl'}:6: expected a JSON object with a 'text' string field"
+    assert not (tmp_path / "out" / "train").exists()
+
+
 def test_a_wrong_type_in_model_config_yaml_names_the_field(tiny):
     data = yaml.safe_load((tiny / "wrong_type" / "model_config.yaml").read_text())
-    with pytest.raises(ConfigError, match="n_layer 'two': expected int"):
+    with pytest.raises(InputError, match="n_layer 'two': expected int"):
         Config(**data)
 
 
@@ -194,7 +264,7 @@ def test_a_wrong_type_in_a_transformers_config_json_names_the_file(tmp_path):
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
         num_hidden_layers="two", num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=BLOCK,
         rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)))
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(InputError) as e:
         CLI(from_hf.convert, args=[str(hf), "--out_dir", str(tmp_path / "out")], as_positional=True,
             exit_on_error=False)
     assert str(e.value) == f"{hf / 'config.json'}: n_layer 'two': expected int"
@@ -213,13 +283,13 @@ def test_distill_lora_error_is_the_cause_its_main_prints(tiny, tmp_path):
     with pytest.raises(ValueError) as e:
         CLI(distill.setup, args=script_args(distill, tiny, tmp_path, "--lora.targets", "[foo]"), exit_on_error=False,
             as_positional=False)
-    assert isinstance(e.value.__cause__, ConfigError) and str(e.value.__cause__).startswith("--lora.targets ['foo']")
+    assert isinstance(e.value.__cause__, InputError) and str(e.value.__cause__).startswith("--lora.targets ['foo']")
 
 
 @pytest.mark.slow  # three script starts (~35 s on 2 cores); the in-process tables above cover the messages
 @pytest.mark.parametrize("script,flags,culprit", [
-    ("pretrain.py", ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0"),  # CheckpointError
-    ("distill.py", ["--lora.r", "0"], "--lora.r 0"),  # ConfigError, through jsonargparse's Union error
+    ("pretrain.py", ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0"),  # InputError
+    ("distill.py", ["--lora.r", "0"], "--lora.r 0"),  # InputError, through jsonargparse's Union error
     ("generate.py", ["--temperature", "-1"], "--temperature -1.0"),  # a check at the top of main()
 ])
 def test_main_prints_one_error_line(tiny, tmp_path, script, flags, culprit):

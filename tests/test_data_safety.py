@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import checkpoint
-from checkpoint import CheckpointError, atomic_directory
+from checkpoint import atomic_directory
+from model import InputError
 from conftest import ROOT
 from data_prep import prepare_text, train_tokenizer
 
@@ -69,7 +70,7 @@ def test_an_existing_file_at_out_dir_is_an_error_and_is_left_alone(tmp_path):
     target = tmp_path / "out"
     target.write_bytes(b"the user's file\n")
     before = digest(target)
-    with pytest.raises(CheckpointError, match=str(target)):
+    with pytest.raises(InputError, match=str(target)):
         with atomic_directory(target) as tmp:
             (tmp / "model.safetensors").write_bytes(b"new")
     assert digest(target) == before
@@ -79,7 +80,7 @@ def test_an_existing_file_at_out_dir_is_an_error_and_is_left_alone(tmp_path):
 def test_a_file_where_a_parent_directory_is_expected_is_an_error(tmp_path):
     run_dir = tmp_path / "run"  # e.g. pretrain.py --out_dir run, writing run/step-00000010
     run_dir.write_bytes(b"not a directory\n")
-    with pytest.raises(CheckpointError, match=str(run_dir)):
+    with pytest.raises(InputError, match=str(run_dir)):
         with atomic_directory(run_dir / "step-00000010"):
             pass
     assert run_dir.read_bytes() == b"not a directory\n"

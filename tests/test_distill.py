@@ -19,7 +19,7 @@ from checkpoint import load_lora_model, load_model, save_checkpoint
 from conftest import ROOT
 from data_prep import prepare_text, train_tokenizer
 from distill import DIVERGENCES, Distiller, KDArgs, distill_loss, divergence
-from model import GPT, Config
+from model import Config, GPT, InputError
 from test_pretrain import block_ids, constant_block, launch_two_ranks
 
 VOCAB = 320  # the tiny tokenizer's size: 256 byte symbols, 2 specials and a few merges (as tests/test_pretrain.py)
@@ -325,12 +325,11 @@ def test_bad_input_is_one_line(setup_dir, tmp_path):
 
 
 def test_bad_arguments_are_checkpoint_errors(setup_dir):
-    """What setup() rejects before any work; the script prints a CheckpointError as the one line shown above."""
-    from checkpoint import CheckpointError
+    """What setup() rejects before any work; the script prints a InputError as the one line shown above."""
     from distill import check_kd_args, check_vocabularies
     from tokenizer import Tokenizer
     teacher = load_model(setup_dir / "teacher").config
-    with pytest.raises(CheckpointError, match="vocab_size 256 is smaller than the tokenizer's 320"):
+    with pytest.raises(InputError, match="vocab_size 256 is smaller than the tokenizer's 320"):
         check_vocabularies(setup_dir / "teacher", Tokenizer(setup_dir / "teacher"), None, teacher,
                            Config.from_name("tiny-test"))
     # a student that pads its vocabulary further compares the ids both have
@@ -344,7 +343,7 @@ def test_bad_arguments_are_checkpoint_errors(setup_dir):
                                (KDArgs(), dict(lora=object()), "--student_dir"),
                                (KDArgs(), dict(on_policy_fraction=0.5, cache_topk=8), "live teacher"),
                                (KDArgs(alpha=1.0), dict(on_policy_fraction=0.5), "KD term")]:
-        with pytest.raises(CheckpointError, match=match):
+        with pytest.raises(InputError, match=match):
             check_kd_args(kd, **{**ok, **changes})
 
 

@@ -24,7 +24,8 @@ from tiny_hf import save_hf_model
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import load_model
+from model import InputError
 from conftest import ROOT
 from convert.download import download
 from test_convert import TOL, assert_one_line_error
@@ -206,7 +207,7 @@ def test_errors_are_one_line_and_write_nothing(hub, tmp_path, args, needles):
 
 def test_bad_dtype_fails_before_the_download(tmp_path):
     # No stand-in here: had the check moved after a request to the Hub, the error would be another one
-    with pytest.raises(CheckpointError, match="--dtype 'int3': expected one of float32, bfloat16, float16"):
+    with pytest.raises(InputError, match="--dtype 'int3': expected one of float32, bfloat16, float16"):
         download("tiny/llama", dtype="int3", checkpoint_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 

@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 import finetune_full
 import finetune_lora
-from checkpoint import CheckpointError, load_lora_model, load_model, save_checkpoint
+from checkpoint import load_lora_model, load_model, save_checkpoint
 from conftest import ROOT
 from data_prep import train_tokenizer
-from model import GPT, Config
+from model import Config, GPT, InputError
 from sft_data import IGNORE_INDEX, collate, encode_prompt
 from tokenizer import Tokenizer
 
@@ -324,7 +324,7 @@ def cli_error(script: str, tiny: Path, out_dir: Path, *extra: str) -> str:
     """The error a script's command line stops with, run in this process: what its __main__ prints after 'error: '."""
     from jsonargparse import CLI
     module = {"finetune_full.py": finetune_full, "finetune_lora.py": finetune_lora}[script]
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(InputError) as e:
         CLI(module.setup, args=flags(script, tiny, out_dir, *extra), exit_on_error=False)
     assert "\n" not in str(e.value)
     return str(e.value)

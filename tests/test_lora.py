@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, CheckpointError, load_lora_model, load_model, save_checkpoint,
-                        save_lora)
+from checkpoint import LORA_CONFIG, LORA_WEIGHTS, load_lora_model, load_model, save_checkpoint, save_lora
 from conftest import ROOT
-from model import (GPT, LORA_TARGETS, Config, LoRAConfig, LoRALinear, add_lora, is_lora_key, lora_state_dict,
-                   lora_summary, merge_lora)
+from model import (GPT, LORA_TARGETS, Config, InputError, LoRAConfig, LoRALinear, add_lora, is_lora_key,
+                   lora_state_dict, lora_summary, merge_lora)
 from quantize import MODES, quantize_model
 
 ALL_TARGETS = tuple(LORA_TARGETS)
@@ -339,7 +338,7 @@ def test_adapter_directory_round_trip(run):
     by_hand.load_state_dict(lora_state_dict(adapted), strict=False)
     with torch.no_grad():
         assert torch.equal(quantized(idx), by_hand(idx))
-    with pytest.raises(CheckpointError, match="bnb.nf5"):
+    with pytest.raises(InputError, match="bnb.nf5"):
         load_lora_model(root / "lora", quantize="bnb.nf5")
 
 
@@ -369,13 +368,13 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def test_merge_lora_bad_inputs_are_one_line(run):
-    from convert.merge_lora import merge  # what the CLI runs; its CheckpointErrors become "error: <message>"
+    from convert.merge_lora import merge  # what the CLI runs; its InputErrors become "error: <message>"
     root, _ = run
     config = yaml.safe_load((root / "lora" / LORA_CONFIG).read_text())
 
     def error(out_dir=root / "out", **config_changes) -> str:
         (root / "lora" / LORA_CONFIG).write_text(yaml.safe_dump({**config, **config_changes}))
-        with pytest.raises(CheckpointError) as e:
+        with pytest.raises(InputError) as e:
             merge(lora_dir=root / "lora", out_dir=out_dir)
         assert "\n" not in str(e.value)
         return str(e.value)

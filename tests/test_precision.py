@@ -5,8 +5,9 @@ import lightning as L
 import pytest
 import torch
 
-from model import GPT, IGNORE_INDEX, Config, LoRAConfig, add_lora, is_lora_key
-from training import CompensatedAdamW, make_optimizer, precision_args, weights_dtype
+from model import Config, GPT, IGNORE_INDEX, InputError, LoRAConfig, add_lora, is_lora_key
+from checkpoint import weights_dtype
+from training import CompensatedAdamW, make_optimizer, precision_args
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # The stale-weights regime: Adam moves each weight by about lr per step on a repeated batch, 2e-5 here, while half a
@@ -113,8 +114,7 @@ def test_low_precision_training_moves_the_weights_float32_moves(mode):
 
 
 def test_unknown_precision_is_a_one_line_error():
-    from checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="--precision 'bf17-true': expected one of 32-true"):
+    with pytest.raises(InputError, match="--precision 'bf17-true': expected one of 32-true"):
         precision_args("bf17-true")
 
 
@@ -155,7 +155,6 @@ def test_gpu_peak_flops_follow_the_data_sheet(monkeypatch, name, precision, matm
 
 
 def test_a_non_finite_gradient_under_a_finite_loss_is_a_one_line_error(tmp_path):
-    from checkpoint import CheckpointError
     from training import clip_gradients
     fabric = L.Fabric(accelerator="cpu", devices=1)
     model = fabric.setup_module(torch.nn.Linear(3, 3))
@@ -163,6 +162,6 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_a_one_line_error(tmp_path)
     fabric.backward(model(torch.ones(2, 3)).sum())  # a finite loss
     clip_gradients(fabric, model, optimizer, 1.0, 6, tmp_path)  # finite gradients: clipped, no error
     model.weight.grad[0, 0] = float("inf")
-    with pytest.raises(CheckpointError, match=f"gradient norm is inf at step 7 .* {tmp_path} is kept") as e:
+    with pytest.raises(InputError, match=f"gradient norm is inf at step 7 .* {tmp_path} is kept") as e:
         clip_gradients(fabric, model, optimizer, 1.0, 7, tmp_path)
     assert "\n" not in str(e.value)

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors, trainers
 
-from checkpoint import CheckpointError
+from model import InputError
 from tokenizer import Tokenizer
 
 TEXTS = ["Hello world!", "  leading spaces and\ttabs\n\nnewlines", "naïve café – ünïcödé 日本語 🙂",
@@ -75,7 +75,7 @@ def test_generation_config_eos_may_be_null_one_id_or_absent(tmp_path, eos_token_
 def test_generation_config_eos_of_the_wrong_type_is_a_one_line_error(tmp_path):
     make_tokenizer_dir(tmp_path, True, {})
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
-    with pytest.raises(CheckpointError, match="generation_config.json: eos_token_id must be a token id"):
+    with pytest.raises(InputError, match="generation_config.json: eos_token_id must be a token id"):
         Tokenizer(tmp_path)
 
 
@@ -86,10 +86,10 @@ def test_chat_template_equals_transformers(tmp_path):
     for gen in (True, False):
         assert ours.apply_chat_template(MESSAGES, add_generation_prompt=gen) == theirs.apply_chat_template(
             MESSAGES, tokenize=False, add_generation_prompt=gen)
-    with pytest.raises(CheckpointError, match="bad role"):
+    with pytest.raises(InputError, match="bad role"):
         ours.apply_chat_template([{"role": "robot", "content": "beep"}])
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
+    with pytest.raises(InputError, match="tokenizer.json"):
         Tokenizer(tmp_path)
