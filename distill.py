@@ -6,7 +6,8 @@
         --precision bf16-true --devices 1                                                          # 1 GPU
     python distill.py ... --teacher_quantize bnb.nf4                                               # teacher in 4 bits
     python distill.py ... --devices 8 --strategy fsdp                # 8 GPUs: teacher and student sharded by FSDP2
-    python distill.py ... --cache_teacher_topk 64    # run the teacher once; later epochs and runs read its top-64
+    python data_prep/teacher_topk.py --teacher_dir T --data.train_dirs '[data/smol/train]' --topk 64 --out_dir D
+    python distill.py ... --teacher_topk_dir D          # the teacher run once, above: training reads its top-64 logits
     python distill.py ... --data.format sft --data.train_files data/alpaca.jsonl --lora.r 16  # chat data, LoRA student
     sbatch config_hub/slurm/pretrain.sbatch  (with this script and config in its srun line)      # N nodes
 
@@ -19,10 +20,8 @@ from scratch. Writes out_dir/step-XXXXXXXX/ (with state/ to resume), out_dir/fin
 ce_loss and kd_loss separately), like pretrain.py; a LoRA student writes adapter directories instead.
 """
 
-import itertools
 import json
 import math
-import shutil
 import sys
 import time
 from argparse import ArgumentError
@@ -46,7 +45,7 @@ from generation import generate_tokens
 from model import GPT, Block, Config, InputError, LoRAConfig, add_lora, is_lora_key
 from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state,
+from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_full_state,
                       gather_trainable_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
                       make_strategy, precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
@@ -158,8 +157,7 @@ def setup(
     lora: LoRAConfig | None = None,
     out_dir: Path = Path("out/distill/stdlib"),
     teacher_quantize: str | None = None,
-    cache_teacher_topk: int | None = None,
-    teacher_cache_dir: Path | None = None,
+    teacher_topk_dir: Path | None = None,
     on_policy_fraction: float = 0.0,
     on_policy: OnPolicyArgs = OnPolicyArgs(),
     resume: str | None = None,
@@ -186,10 +184,8 @@ def setup(
         lora: train a LoRA adapter on --student_dir instead of all its weights (e.g. --lora.r 16).
         out_dir: where checkpoints, metrics.csv and final/ go.
         teacher_quantize: a quantize.py mode for the teacher (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8).
-        cache_teacher_topk: run the teacher once over the training data and keep its K largest logits per position
-            (litdata chunks in teacher_cache_dir); training reads them instead of running the teacher.
-        teacher_cache_dir: where that cache is (built if absent, reused if it was built for the same teacher and
-            data); default out_dir/teacher-topK.
+        teacher_topk_dir: the teacher's top-K logits over the training data, written by data_prep/teacher_topk.py
+            from this teacher and these --data flags: training reads them and never runs the teacher.
         on_policy_fraction: the share of micro-batches whose continuations the student samples itself and the teacher
             scores (GKD's lambda); those batches train on the KD term only.
         on_policy: sampling settings of those batches.
@@ -203,30 +199,31 @@ def setup(
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
     """
     # before any work: a file in the way is the user's (never replaced), and final/ is not an input
-    check_writable_directory(Path(out_dir) / "final", reads=[teacher_dir, student_dir])
+    check_writable_directory(Path(out_dir) / "final", reads=[teacher_dir, student_dir, teacher_topk_dir])
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
     # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
     run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, **precision_args(precision),
-                      strategy=make_distill_strategy(strategy, devices, num_nodes),
+                      strategy=make_strategy(strategy, devices, num_nodes, shard=shard_distiller),
                       loggers=make_loggers(logger, out_dir))
     fabric.launch()
-    main(fabric, teacher_dir=teacher_dir, student_dir=student_dir, student_config=student_config,
+    main(fabric, teacher_dir=Path(teacher_dir), student_dir=student_dir, student_config=student_config,
          student_overrides=student_overrides, kd=kd, data=data, train=train, eval=eval, ckpt=checkpoint, lora=lora,
-         out_dir=out_dir, teacher_quantize=teacher_quantize, cache_topk=cache_teacher_topk,
-         cache_dir=teacher_cache_dir, on_policy_fraction=on_policy_fraction, on_policy=on_policy, resume=resume,
-         precision=precision, strategy=strategy, activation_checkpointing=activation_checkpointing, run_args=run_args)
+         out_dir=Path(out_dir), teacher_quantize=teacher_quantize, teacher_topk_dir=teacher_topk_dir,
+         on_policy_fraction=on_policy_fraction, on_policy=on_policy, resume=resume, precision=precision,
+         strategy=strategy, activation_checkpointing=activation_checkpointing, run_args=run_args)
     for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 
-def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd, data, train, eval, ckpt, lora,
-         out_dir, teacher_quantize, cache_topk, cache_dir, on_policy_fraction, on_policy, resume, precision, strategy,
-         activation_checkpointing, run_args):
-    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
-    check_kd_args(kd, on_policy_fraction, cache_topk, teacher_quantize, strategy, lora, student_dir)
+def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config: str | None, student_overrides: dict,
+         kd: KDArgs, data: DataArgs, train: TrainArgs, eval: EvalArgs, ckpt: CheckpointArgs, lora: LoRAConfig | None,
+         out_dir: Path, teacher_quantize: str | None, teacher_topk_dir: Path | None, on_policy_fraction: float,
+         on_policy: OnPolicyArgs, resume: str | None, precision: str, strategy: str, activation_checkpointing: bool,
+         run_args: dict) -> None:
+    check_kd_args(kd, on_policy_fraction, teacher_topk_dir, teacher_quantize, strategy, lora, student_dir)
     teacher_config = load_config(teacher_dir)
     if (student_dir is None) == (student_config is None):
         raise InputError("give --student_dir (a checkpoint) or --student_config (a preset), not both or neither")
@@ -258,14 +255,11 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
     fabric.seed_everything(train.seed)
     train_set, val_loader = make_datasets(fabric, data, config, tokenizer, train)
     needs_teacher = kd.alpha < 1  # alpha 1 is plain CE training: the baseline a distilled student is compared with
-    teacher = None
-    if cache_topk and needs_teacher:
-        cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / f"teacher-top{cache_topk}"
-        # the teacher is loaded only if a cache must be built; the cache stands in for it from here on
-        load = lambda: load_teacher(fabric, teacher_dir, teacher_quantize, precision)  # noqa: E731
-        cache_dirs = ensure_teacher_cache(fabric, load, train_set, data, config, cache_dir, cache_topk, vocab, train,
-                                          kd.chunk_size, teacher_dir, teacher_quantize)
-        train_loader = make_cached_loader(fabric, cache_dirs, data, train.micro_batch_size, train.seed)
+    teacher, topk = None, None
+    if teacher_topk_dir is not None and needs_teacher:  # the teacher's cached logits stand in for it: never loaded
+        topk_dirs, topk = open_teacher_topk(Path(teacher_topk_dir), teacher_dir, data, config, vocab, train.seed)
+        fabric.print(f"reading the teacher's top-{topk} logits from {teacher_topk_dir}")
+        train_loader = make_cached_loader(fabric, topk_dirs, data, train.micro_batch_size, train.seed)
     else:
         if needs_teacher:
             teacher = load_teacher(fabric, teacher_dir, teacher_quantize, precision)
@@ -284,7 +278,7 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     fabric.print(f"student {config.name}: {sum(p.numel() for p in student.parameters()):,} parameters "
                  f"({trainable:,} trainable); teacher {teacher_config.name}: "
-                 f"{'cached top-' + str(cache_topk) if cache_topk and needs_teacher else 'live' if teacher else 'none'}"
+                 f"{f'cached top-{topk}' if topk else 'live' if teacher else 'none'}"
                  f"; {world} rank(s), {accum_steps} micro-batch(es) of {train.micro_batch_size} per rank and step")
     seed_ranks(fabric, train.seed)  # the weights are made: from here on each rank draws its own dropout masks
     model = fabric.setup_module(Distiller(student, teacher, kd, vocab))
@@ -303,19 +297,11 @@ def main(fabric, teacher_dir, student_dir, student_config, student_overrides, kd
 
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
     saver = Saver(fabric, config, tokenizer_dir, lora, student_dir, run_args)
-    fit(fabric, model, raw_model, optimizer, train_loader, val_loader, tokenizer, train, eval, ckpt, kd,
-        on_policy_fraction, on_policy, out_dir, state, max_steps, accum_steps, metrics, saver)
-
-    saver.save(out_dir / "final", raw_model.student, optimizer, train_loader, state, with_state=False)
-    fabric.print(f"final {'adapter' if lora else 'checkpoint'}: {out_dir / 'final'}")
-
-
-def fit(fabric, model, raw_model, optimizer, train_loader, val_loader, tokenizer, train, eval, ckpt, kd,
-        on_policy_fraction, on_policy, out_dir, state, max_steps, accum_steps, metrics, saver):
     train_iter = batches_forever(train_loader)
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="distill",
                     dynamic_ncols=True)
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    stop_signal = StopSignal(fabric)
     for step in range(state["step"] + 1, max_steps + 1):
         last_step = step == max_steps
         lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
@@ -376,14 +362,24 @@ def fit(fabric, model, raw_model, optimizer, train_loader, val_loader, tokenizer
         fabric.log_dict({k: v for k, v in row.items() if v is not None}, step=step)
 
         out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
-        if step % ckpt.interval == 0 or last_step or out_of_time:
+        stop = stop_signal.requested()
+        if step % ckpt.interval == 0 or last_step or out_of_time or stop:
             saver.save(out_dir / f"step-{step:08d}", raw_model.student, optimizer, train_loader, state,
                        with_state=True)
             prune_checkpoints(fabric, out_dir, ckpt.keep_last)
         if out_of_time:
             fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
             break
+        if stop:
+            progress.close()
+            fabric.print(f"SIGUSR1: stopped after step {step}, checkpoint {out_dir / f'step-{step:08d}'}; "
+                         "continue with --resume auto")
+            stop_signal.requeue()
+            return
     progress.close()
+
+    saver.save(out_dir / "final", raw_model.student, optimizer, train_loader, state, with_state=False)
+    fabric.print(f"final {'adapter' if lora else 'checkpoint'}: {out_dir / 'final'}")
 
 
 def distill_loss(ce_sum: torch.Tensor, kd_sum: torch.Tensor, kd: KDArgs, on_policy: bool = False) -> torch.Tensor:
@@ -558,7 +554,8 @@ def validate(fabric, model, raw_model, val_loader, max_batches: int) -> tuple[fl
     return ce_sum / n, (kd_sum / n if live_teacher else None)
 
 
-def check_kd_args(kd: KDArgs, on_policy_fraction, cache_topk, teacher_quantize, strategy, lora, student_dir) -> None:
+def check_kd_args(kd: KDArgs, on_policy_fraction, teacher_topk_dir, teacher_quantize, strategy, lora,
+                  student_dir) -> None:
     if not 0 <= kd.alpha <= 1:
         raise InputError(f"--kd.alpha must be in [0, 1], got {kd.alpha}")
     if kd.temperature <= 0:
@@ -574,17 +571,18 @@ def check_kd_args(kd: KDArgs, on_policy_fraction, cache_topk, teacher_quantize, 
         raise InputError(f"--on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
     if on_policy_fraction and kd.alpha == 1:
         raise InputError("--on_policy_fraction needs a KD term (--kd.alpha < 1): on-policy batches learn only it")
-    if on_policy_fraction and cache_topk:
+    if on_policy_fraction and teacher_topk_dir:
         raise InputError("--on_policy_fraction needs a live teacher to score the student's samples; "
-                         "drop --cache_teacher_topk")
+                         "drop --teacher_topk_dir")
     if on_policy_fraction and strategy == "fsdp":
         raise InputError("--on_policy_fraction with --strategy fsdp: the student cannot sample from sharded "
                          "weights; use ddp")
-    if teacher_quantize and strategy == "fsdp" and not cache_topk:
+    if teacher_quantize and teacher_topk_dir:
+        raise InputError("--teacher_quantize with --teacher_topk_dir: the cached teacher is not run here (quantise it "
+                         "where the cache is built: data_prep/teacher_topk.py --quantize)")
+    if teacher_quantize and strategy == "fsdp":
         raise InputError("--teacher_quantize with --strategy fsdp: a quantised teacher is not sharded; "
                          "use one or the other")
-    if cache_topk is not None and cache_topk < 1:
-        raise InputError(f"--cache_teacher_topk must be at least 1, got {cache_topk}")
     if lora is not None and student_dir is None:
         raise InputError("--lora adapts a trained student: give --student_dir (LoRA on a model trained from "
                          "scratch would leave its random weights frozen)")
@@ -628,16 +626,6 @@ def load_teacher(fabric, teacher_dir: Path, quantize: str | None, precision: str
         teacher = load_model(teacher_dir, device=fabric.device, dtype=dtype, quantize=quantize, compute_dtype=dtype)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-def make_distill_strategy(name: str, devices: int | str, num_nodes: int):
-    if name != "fsdp":
-        return make_strategy(name, devices, num_nodes)
-    from lightning.fabric.strategies import ModelParallelStrategy
-    # as training.make_strategy, precision_args, with the Distiller's two models' Blocks as the shard groups
-    per_node = devices if isinstance(devices, int) else max(torch.cuda.device_count(), 1)
-    return ModelParallelStrategy(parallelize_fn=shard_distiller, data_parallel_size=per_node * num_nodes,
-                                 tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 def shard_distiller(model: Distiller, device_mesh) -> Distiller:
@@ -728,95 +716,39 @@ class SFTLoader:
         self.sampler.load_state_dict(state)
 
 
-# ---- the teacher's top-K cache --------------------------------------------------------------------------------------
+# ---- the teacher's top-K logits, from data_prep/teacher_topk.py -----------------------------------------------------
 
-def ensure_teacher_cache(fabric, load, train_set, data: DataArgs, config: Config, cache_dir: Path, K: int,
-                         vocab: int, train: TrainArgs, chunk_size: int | None, teacher_dir: Path,
-                         teacher_quantize: str | None) -> list[Path]:
-    """One cache directory per training source (cache_dir/train-i), built unless one built from the same teacher and
-    data is there already (load() gives the teacher then). meta.json records what a cache was built from; a mismatch
-    is an error, never a silent reuse."""
-    if K > vocab:
-        raise InputError(f"--cache_teacher_topk {K} exceeds the compared vocabulary of {vocab} ids")
+def open_teacher_topk(topk_dir: Path, teacher_dir: Path, data: DataArgs, config: Config, vocab: int,
+                      seed: int) -> tuple[list[Path], int]:
+    """The cache directory of each training source (topk_dir/train-i) and their K. Each meta.json must say it was
+    built from this run's teacher, vocabulary and data (the fields data_prep/teacher_topk.py writes): a cache of
+    another teacher or data is an error, never silently read."""
     weights = teacher_dir / "model.safetensors"
+    if not weights.is_file():  # its size and time tell which teacher a cache was built from
+        raise InputError(f"{weights}: not found; a checkpoint directory holds model.safetensors")
     sources = data.train_dirs if data.format == "chunks" else [data.train_files]
-    dirs, teacher = [], None
+    dirs, topk = [], None
     for i, source in enumerate(sources):
-        meta = dict(teacher=str(weights.resolve()), teacher_bytes=weights.stat().st_size,
-                    teacher_mtime_ns=weights.stat().st_mtime_ns, teacher_quantize=teacher_quantize, topk=K,
-                    vocab=vocab, format=data.format, source=source, block_size=config.block_size,
-                    prompt_style=data.prompt_style, mask_prompt=data.mask_prompt, val_split=data.val_split,
-                    val_files=data.val_files, split_seed=train.seed if data.format == "sft" else None)
-        path = cache_dir / f"train-{i}"
-        if (path / "meta.json").is_file():
-            old, _ = read_json(path / "meta.json"), read_chunk_index(path)  # corrupt files: one line naming them
-            changed = [k for k in meta if old.get(k) != meta[k]]
-            if changed:
-                key = changed[0]
-                raise InputError(f"{path}: a teacher cache built for another {key} ({old.get(key)!r}, this run: "
-                                 f"{meta[key]!r}); delete it or pass another --teacher_cache_dir")
-            fabric.print(f"reading the teacher's top-{K} logits from {path}")
-        else:
-            rank, world = fabric.global_rank, fabric.world_size
-            if data.format == "chunks":
-                # Unshuffled, in a distributed run litdata hands each rank its share of the blocks (so len() is the
-                # share's); each rank writes its share, and the training loader shuffles the cache
-                blocks = StreamingDataset(source, item_loader=TokensLoader(block_size=config.block_size + 1),
-                                          shuffle=False, drop_last=True)
-                examples = ({"input_ids": block[:-1], "labels": block[1:]} for block in blocks)
-                n_mine = len(blocks)
-            else:  # in memory: rank r takes the r-th contiguous slice
-                n = len(train_set)
-                mine = range(rank * n // world, (rank + 1) * n // world)
-                examples, n_mine = (train_set[j] for j in mine), len(mine)
-            teacher = teacher or load()
-            build_teacher_cache(fabric, teacher, examples, n_mine, path, K, vocab, train.micro_batch_size,
-                                chunk_size, meta)
+        path = topk_dir / f"train-{i}"
+        if not (path / "meta.json").is_file():
+            raise InputError(f"{path}/meta.json: not found; build the teacher's top-K logits of {source} with "
+                             "python data_prep/teacher_topk.py and this run's --data flags")
+        built, _ = read_json(path / "meta.json"), read_chunk_index(path)  # corrupt files: one line naming them
+        if not isinstance(built, dict):
+            raise InputError(f"{path}/meta.json: not a teacher cache's meta.json; build it again")
+        expected = dict(teacher=str(weights.resolve()), teacher_bytes=weights.stat().st_size,
+                        teacher_mtime_ns=weights.stat().st_mtime_ns, topk=topk or built.get("topk"), vocab=vocab,
+                        format=data.format, source=source, block_size=config.block_size,
+                        prompt_style=data.prompt_style, mask_prompt=data.mask_prompt, val_split=data.val_split,
+                        val_files=data.val_files, split_seed=seed if data.format == "sft" else None)
+        changed = [k for k in expected if built.get(k) != expected[k]]
+        if changed:
+            key = changed[0]
+            raise InputError(f"{path}: a teacher cache built for another {key} ({built.get(key)!r}, this run: "
+                             f"{expected[key]!r}); build one for this run with data_prep/teacher_topk.py")
         dirs.append(path)
-    return dirs
-
-
-@torch.no_grad()
-def build_teacher_cache(fabric, teacher: GPT, examples, n_examples: int, path: Path, K: int, vocab: int,
-                        micro_batch_size: int, chunk_size: int | None, meta: dict) -> None:
-    """Run the teacher once over this rank's examples and write each as litdata chunks: input_ids and labels (T,),
-    and the teacher's K largest logits at every position, raw (untempered, so that any --kd.temperature can use them)
-    as values (T, K) float32 and their token ids as indices (T, K) int32. Each rank writes its own chunk files with
-    litdata's BinaryWriter (the writer litdata.optimize drives from worker processes; here the teacher, perhaps on a
-    GPU, stays in this process), rank 0 merges their indexes, and the directory is renamed into place when complete."""
-    from litdata.streaming.writer import BinaryWriter
-    partial = path.with_name(f".{path.name}.partial")
-    if fabric.global_rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    fabric.barrier()
-    teacher = teacher.to(fabric.device)
-    writer = BinaryWriter(str(partial), chunk_bytes="64MB")  # names its files by the distributed rank
-    progress = tqdm(total=n_examples, disable=fabric.global_rank != 0, desc=f"teacher top-{K}", dynamic_ncols=True)
-    index = 0
-    while items := list(itertools.islice(examples, micro_batch_size)):
-        batch = collate(items)
-        h = teacher.trunk(batch["input_ids"].to(fabric.device))  # (B, T, n_embd)
-        B, T, C = h.shape
-        flat = h.reshape(B * T, C)
-        step = chunk_size or B * T  # the logits of a chunk of positions at a time, as in training
-        topk = [teacher.head(flat[s:s + step]).float()[:, :vocab].topk(K, dim=-1) for s in range(0, B * T, step)]
-        values = torch.cat([t.values for t in topk]).view(B, T, K).cpu()
-        indices = torch.cat([t.indices for t in topk]).view(B, T, K).int().cpu()
-        for b, item in enumerate(items):
-            length = len(item["input_ids"])
-            writer.add_item(index, {"input_ids": item["input_ids"].long(), "labels": item["labels"].long(),
-                                    "values": values[b, :length].clone(), "indices": indices[b, :length].clone()})
-            index += 1
-        progress.update(len(items))
-    progress.close()
-    writer.done()  # this rank's last chunk and its index file
-    if fabric.global_rank == 0:
-        writer.merge(num_workers=1)  # waits for every rank's index file, then writes index.json
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(path, ignore_errors=True)
-        partial.rename(path)
-    fabric.barrier()
+        topk = built["topk"]  # every source's the same: a micro-batch of a mixture stacks (T, K) rows of several
+    return dirs, topk
 
 
 def make_cached_loader(fabric, cache_dirs: list[Path], data: DataArgs, micro_batch_size: int, seed: int):

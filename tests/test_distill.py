@@ -1,29 +1,35 @@
 """distill.py: the divergences against independent references, the chunked and top-K cached losses against the plain
-ones, and the script end to end on tiny models in subprocesses (resume, cache, SFT + LoRA + on-policy, bad input)."""
+ones, and the script end to end on tiny models, in this process (resume, SIGUSR1, the teacher's top-K logits from
+data_prep/teacher_topk.py, SFT + LoRA + on-policy, bad input)."""
 
 import csv
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from jsonargparse import CLI
 from torch.distributions import Categorical, kl_divergence
 
 from checkpoint import load_lora_model, load_model, save_checkpoint
 from conftest import ROOT
-from data_prep import prepare_text, train_tokenizer
+import distill
+from data_prep import prepare_text, teacher_topk, train_tokenizer
 from distill import DIVERGENCES, Distiller, KDArgs, distill_loss, divergence
 from model import Config, GPT, InputError
 from test_pretrain import block_ids, constant_block, launch_two_ranks
+from training import lr_at
 
 VOCAB = 320  # the tiny tokenizer's size: 256 byte symbols, 2 specials and a few merges (as tests/test_pretrain.py)
-# Subprocess runs on tiny models: one thread each is fastest, and it keeps a shared 2-core machine usable
+# Runs in a subprocess, tiny models: one thread each is fastest, and it keeps a shared 2-core machine usable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -190,8 +196,8 @@ SCRATCH_STUDENT = ("--student_config", "tiny-test", "--student_overrides",
                    json.dumps(dict(vocab_size=VOCAB, block_size=32, n_layer=1)))
 
 
-def distill_cmd(root: Path, out_dir: Path, *extra: str, steps: int = 12, student=SCRATCH_STUDENT) -> list[str]:
-    return [sys.executable, "distill.py", "--teacher_dir", str(root / "teacher"), *student,
+def distill_args(root: Path, out_dir: Path, *extra: str, steps: int = 12, student=SCRATCH_STUDENT) -> list[str]:
+    return ["--teacher_dir", str(root / "teacher"), *student,
             "--data.train_dirs", json.dumps([str(root / "chunks" / "train")]),
             "--data.val_dir", str(root / "chunks" / "val"), "--out_dir", str(out_dir),
             "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", str(steps),
@@ -200,8 +206,8 @@ def distill_cmd(root: Path, out_dir: Path, *extra: str, steps: int = 12, student
             "--checkpoint.keep_last", "5", "--kd.chunk_size", "50", *extra]
 
 
-def sft_cmd(root: Path, out_dir: Path, *extra: str, steps: int = 6) -> list[str]:
-    return [sys.executable, "distill.py", "--teacher_dir", str(root / "teacher"), "--student_dir",
+def sft_args(root: Path, out_dir: Path, *extra: str, steps: int = 6) -> list[str]:
+    return ["--teacher_dir", str(root / "teacher"), "--student_dir",
             str(root / "student"), "--data.format", "sft", "--data.train_files", str(root / "sft.jsonl"),
             "--data.val_split", "0.2", "--out_dir", str(out_dir), "--train.global_batch_size", "8",
             "--train.micro_batch_size", "4", "--train.max_steps", str(steps), "--train.lr", "1e-2",
@@ -209,10 +215,45 @@ def sft_cmd(root: Path, out_dir: Path, *extra: str, steps: int = 6) -> list[str]
             "--checkpoint.interval", "3", "--checkpoint.keep_last", "5", *extra]
 
 
-def run(cmd):
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+@contextmanager
+def one_thread():
+    """Tiny models: one thread is fastest, and it keeps a shared 2-core machine usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: list[str]) -> None:
+    """distill.py's command line in this process: a new process would spend most of a tiny run importing torch."""
+    sigusr1 = signal.getsignal(signal.SIGUSR1)
+    try:
+        with one_thread():
+            CLI(distill.setup, args=args, exit_on_error=False, as_positional=False)
+    finally:  # the run's SIGUSR1 handler (training.StopSignal) goes with it
+        signal.signal(signal.SIGUSR1, sigusr1)
+
+
+def run_script(args: list[str]) -> None:
+    """distill.py as its own process, for the runs that Fabric launches on several ranks."""
+    result = subprocess.run([sys.executable, "distill.py", *args], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result
+
+
+def error_of(entry, args: list[str], **kwargs) -> str:
+    """The one line a command line stops with: what its __main__ prints after 'error: ' (test_main_prints_one_error_line
+    runs that path itself)."""
+    with pytest.raises(InputError) as e:
+        CLI(entry, args=args, exit_on_error=False, **kwargs)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def distill_error(args: list[str]) -> str:
+    return error_of(distill.setup, args, as_positional=False)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -220,19 +261,10 @@ def read_metrics(out_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def error_of(cmd) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: "), lines[-3:]
-    return lines[-1]
-
-
 @pytest.fixture(scope="module")
 def straight_run(setup_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    run(distill_cmd(setup_dir, out))
+    run(distill_args(setup_dir, out))
     return out
 
 
@@ -251,25 +283,70 @@ def test_distill_logs_ce_kd_and_total_and_the_student_learns_the_teacher(straigh
     assert model.config.n_layer == 1 and (straight_run / "final" / "tokenizer.json").is_file()
 
 
-def test_resume_is_exact(setup_dir, straight_run, tmp_path):
+LOSSES = ["train_loss", "ce_loss", "kd_loss", "val_loss", "val_kd"]
+
+
+def losses(out_dir: Path) -> list[list[str]]:
+    return [[r[c] for c in LOSSES] for r in read_metrics(out_dir)]
+
+
+def test_resume_is_exact(setup_dir, straight_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
     shutil.rmtree(out / "step-00000012")
     shutil.rmtree(out / "final")
-    result = run(distill_cmd(setup_dir, out, "--resume", "auto"))
-    assert "resumed from" in result.stdout + result.stderr
-    columns = ["train_loss", "ce_loss", "kd_loss", "val_loss", "val_kd"]
-    assert [[r[c] for c in columns] for r in read_metrics(out)] == \
-        [[r[c] for c in columns] for r in read_metrics(straight_run)]  # bitwise on CPU
+    run(distill_args(setup_dir, out, "--resume", "auto"))
+    assert "resumed from" in capsys.readouterr().out
+    assert losses(out) == losses(straight_run)  # bitwise on CPU
 
 
-def test_topk_cache_roundtrip(setup_dir, straight_run, tmp_path):
-    """K = vocab: the cache holds every logit of the teacher, sorted, and the run trains exactly as with the live
-    teacher (the cache is one chunk file, read in the order of the train chunks here). Then reuse and mismatch."""
-    from litdata import StreamingDataset
+def test_sigusr1_checkpoints_requeues_and_resumes(setup_dir, straight_run, tmp_path, monkeypatch, capsys):
+    """SLURM's warning before the time limit (SIGUSR1, as config_hub/slurm/pretrain.sbatch asks for), here raised
+    during step 6: the run checkpoints after that step, requeues the job through scontrol and returns without a
+    final/; --resume auto then finishes it with the uninterrupted run's numbers (as tests/test_pretrain.py's)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+    def lr_at_and_signal(step, *args):  # lr_at is called at the start of every step
+        if step == 6:
+            # the default action of SIGUSR1 would end pytest itself: only a handler the run installed may receive it
+            assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None), "no SIGUSR1 handler"
+            signal.raise_signal(signal.SIGUSR1)
+        return lr_at(step, *args)
+
     out = tmp_path / "run"
-    run(distill_cmd(setup_dir, out, "--cache_teacher_topk", str(VOCAB), steps=2))
-    cache = StreamingDataset(str(out / f"teacher-top{VOCAB}" / "train-0"))
+    with monkeypatch.context() as patch:
+        patch.setattr(distill, "lr_at", lr_at_and_signal)
+        run(distill_args(setup_dir, out))
+    assert int(read_metrics(out)[-1]["step"]) == 6
+    assert "SIGUSR1: stopped after step 6" in capsys.readouterr().out
+    assert (out / "step-00000006" / "state" / "train_state.pt").is_file()
+    assert not (out / "final").exists()
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    run(distill_args(setup_dir, out, "--resume", "auto"))
+    assert losses(out) == losses(straight_run)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def build_topk(setup_dir: Path, out_dir: Path, K: int) -> None:
+    """data_prep/teacher_topk.py for distill_args' run: its teacher, train chunks and block_size."""
+    with one_thread():
+        teacher_topk.main(teacher_dir=setup_dir / "teacher", topk=K, out_dir=out_dir, block_size=32, batch_size=4,
+                          chunk_size=50, data=teacher_topk.DataArgs(train_dirs=[str(setup_dir / "chunks" / "train")]))
+
+
+def test_topk_cache_roundtrip(setup_dir, straight_run, tmp_path, capsys):
+    """K = vocab: the offline step stores every logit of the teacher, sorted, and the run that reads it trains exactly
+    as with the live teacher (the cache is one chunk file, read in the order of the train chunks here). Then the
+    step keeps a cache it built already, and a cache of another K, teacher, vocabulary or data is refused."""
+    from litdata import StreamingDataset
+    cache_dir = tmp_path / f"teacher-top{VOCAB}"
+    build_topk(setup_dir, cache_dir, VOCAB)
+    cache = StreamingDataset(str(cache_dir / "train-0"))
     teacher = load_model(setup_dir / "teacher")
     for i in (0, len(cache) - 1):
         item = cache[i]
@@ -278,17 +355,49 @@ def test_topk_cache_roundtrip(setup_dir, straight_run, tmp_path):
         torch.testing.assert_close(item["values"], logits.gather(-1, item["indices"].long()), rtol=0, atol=1e-5)
         assert torch.equal(item["values"], item["values"].sort(dim=-1, descending=True).values)
         assert torch.equal(item["indices"].sort(dim=-1).values[0], torch.arange(VOCAB, dtype=torch.int32))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    run(distill_args(setup_dir, out, "--teacher_topk_dir", str(cache_dir), steps=2))
+    assert "reading the teacher's top-320 logits" in capsys.readouterr().out
     live = read_metrics(straight_run)[:2]
-    for cached_row, live_row in zip(read_metrics(out), live):
+    for cached_row, live_row in zip(read_metrics(out), live, strict=True):
         for c in ("ce_loss", "kd_loss"):  # the same batches; K = vocab permutes the logits only
             assert float(cached_row[c]) == pytest.approx(float(live_row[c]), rel=1e-5)
     assert not read_metrics(out)[-1]["val_kd"]  # no live teacher to validate against
-    result = run(distill_cmd(setup_dir, tmp_path / "again", "--cache_teacher_topk", str(VOCAB), "--teacher_cache_dir",
-                             str(out / f"teacher-top{VOCAB}"), steps=1))
-    assert "reading the teacher's top-320 logits" in result.stdout + result.stderr
-    message = error_of(distill_cmd(setup_dir, tmp_path / "other", "--cache_teacher_topk", "16", "--teacher_cache_dir",
-                                   str(out / f"teacher-top{VOCAB}"), steps=1))
-    assert "topk" in message and "--teacher_cache_dir" in message
+
+    index = (cache_dir / "train-0" / "index.json").stat().st_mtime_ns
+    build_topk(setup_dir, cache_dir, VOCAB)  # built already: kept as it is
+    assert "already built" in capsys.readouterr().out
+    assert (cache_dir / "train-0" / "index.json").stat().st_mtime_ns == index
+    message = error_of(teacher_topk.main, ["--teacher_dir", str(setup_dir / "teacher"), "--topk", "16",
+                                           "--out_dir", str(cache_dir), "--block_size", "32", "--data.train_dirs",
+                                           json.dumps([str(setup_dir / "chunks" / "train")])])
+    assert "another topk" in message and "--out_dir" in message
+
+    # what distill refuses: a cache of another teacher (a copy is another file), vocabulary or data
+    shutil.copytree(setup_dir / "teacher", tmp_path / "teacher_copy")
+    message = distill_error(distill_args(setup_dir, tmp_path / "o1", "--teacher_topk_dir", str(cache_dir),
+                                         "--teacher_dir", str(tmp_path / "teacher_copy")))
+    assert f"{cache_dir / 'train-0'}: a teacher cache built for another teacher" in message
+    message = distill_error(distill_args(setup_dir, tmp_path / "o2", "--teacher_topk_dir", str(cache_dir),
+                                         "--data.train_dirs", json.dumps([str(setup_dir / "chunks" / "val")])))
+    assert "another source" in message
+    other_vocab = tmp_path / "other_vocab"
+    shutil.copytree(cache_dir, other_vocab)
+    meta = json.loads((other_vocab / "train-0" / "meta.json").read_text())
+    (other_vocab / "train-0" / "meta.json").write_text(json.dumps({**meta, "vocab": VOCAB - 20}))
+    message = distill_error(distill_args(setup_dir, tmp_path / "o3", "--teacher_topk_dir", str(other_vocab)))
+    assert "another vocab (300, this run: 320)" in message
+    # corrupt files of the cache: one line naming them
+    (other_vocab / "train-0" / "meta.json").write_text('{"teacher": ')
+    message = distill_error(distill_args(setup_dir, tmp_path / "o4", "--teacher_topk_dir", str(other_vocab)))
+    assert "train-0/meta.json" in message and "invalid JSON" in message
+    (other_vocab / "train-0" / "meta.json").write_text(json.dumps(meta))
+    (other_vocab / "train-0" / "index.json").write_text('{"chunks": [')
+    message = distill_error(distill_args(setup_dir, tmp_path / "o5", "--teacher_topk_dir", str(other_vocab)))
+    assert "train-0/index.json" in message and "invalid JSON" in message
+    assert "teacher_topk.py" in distill_error(distill_args(setup_dir, tmp_path / "o6", "--teacher_topk_dir",
+                                                           str(tmp_path / "nowhere")))
 
 
 def test_sft_lora_student_on_policy_with_a_quantised_teacher_resumes_exactly(setup_dir, tmp_path):
@@ -297,7 +406,7 @@ def test_sft_lora_student_on_policy_with_a_quantised_teacher_resumes_exactly(set
     extra = ("--lora.r", "4", "--on_policy_fraction", "0.5", "--on_policy.max_new_tokens", "6",
              "--kd.divergence", "jsd", "--kd.temperature", "2", "--teacher_quantize", "bnb.nf4")
     out = tmp_path / "run"
-    run(sft_cmd(setup_dir, out, *extra))
+    run(sft_args(setup_dir, out, *extra))
     rows = read_metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert sum(int(r["on_policy"]) for r in rows) > 0 and all(math.isfinite(float(r["kd_loss"])) for r in rows)
@@ -311,17 +420,32 @@ def test_sft_lora_student_on_policy_with_a_quantised_teacher_resumes_exactly(set
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "step-00000006")
     shutil.rmtree(resumed / "final")
-    run(sft_cmd(setup_dir, resumed, *extra, "--resume", "auto"))
+    run(sft_args(setup_dir, resumed, *extra, "--resume", "auto"))
     without_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]  # noqa: E731
     assert without_speed(read_metrics(resumed)) == without_speed(rows)  # the same samples, the same floats
 
 
 def test_bad_input_is_one_line(setup_dir, tmp_path):
-    message = error_of(distill_cmd(setup_dir, tmp_path / "o1", student=("--student_dir",
-                                                                        str(setup_dir / "other_student"))))
+    message = distill_error(distill_args(setup_dir, tmp_path / "o1", student=("--student_dir",
+                                                                             str(setup_dir / "other_student"))))
     assert "tokenizer" in message and "differ" in message
-    assert "model_config.yaml" in error_of(distill_cmd(setup_dir, tmp_path / "o2", "--teacher_dir",
-                                                       str(tmp_path / "nowhere")))
+    assert "model_config.yaml" in distill_error(distill_args(setup_dir, tmp_path / "o2", "--teacher_dir",
+                                                             str(tmp_path / "nowhere")))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow  # a process start (~10 s on 2 cores); the in-process errors above cover the messages
+def test_main_prints_one_error_line(setup_dir, tmp_path):
+    """The __main__ path of data_prep/teacher_topk.py, run as a file (its repository-root path fix included): exit
+    code 1, no traceback, one 'error:' line naming the flag. distill.py's is tests/test_bad_input.py's."""
+    result = subprocess.run([sys.executable, "data_prep/teacher_topk.py", "--teacher_dir", str(setup_dir / "teacher"),
+                             "--topk", str(VOCAB + 1), "--out_dir", str(tmp_path / "cache")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --topk {VOCAB + 1}: expected from 1 to the "
+                                                             f"compared vocabulary of {VOCAB} ids"), result.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 def test_bad_arguments_are_checkpoint_errors(setup_dir):
@@ -335,24 +459,26 @@ def test_bad_arguments_are_checkpoint_errors(setup_dir):
     # a student that pads its vocabulary further compares the ids both have
     assert check_vocabularies(setup_dir / "teacher", Tokenizer(setup_dir / "teacher"), setup_dir / "student", teacher,
                               Config.from_name("tiny-test", vocab_size=384)) == VOCAB
-    ok = dict(on_policy_fraction=0.0, cache_topk=None, teacher_quantize=None, strategy="auto", lora=None,
+    ok = dict(on_policy_fraction=0.0, teacher_topk_dir=None, teacher_quantize=None, strategy="auto", lora=None,
               student_dir=None)
     for kd, changes, match in [(KDArgs(divergence="jsd", beta=0.0), {}, "--kd.beta"),
                                (KDArgs(divergence="kl"), {}, "--kd.divergence"),
                                (KDArgs(alpha=1.5), {}, "--kd.alpha"),
                                (KDArgs(), dict(lora=object()), "--student_dir"),
-                               (KDArgs(), dict(on_policy_fraction=0.5, cache_topk=8), "live teacher"),
+                               (KDArgs(), dict(on_policy_fraction=0.5, teacher_topk_dir="cache"), "live teacher"),
+                               (KDArgs(), dict(teacher_quantize="bnb.nf4", teacher_topk_dir="cache"),
+                                "--teacher_quantize with --teacher_topk_dir"),
                                (KDArgs(alpha=1.0), dict(on_policy_fraction=0.5), "KD term")]:
         with pytest.raises(InputError, match=match):
             check_kd_args(kd, **{**ok, **changes})
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "config_hub").glob("distill_*.yaml")), ids=lambda p: p.name)
-def test_config_hub_yaml_parses(config):
-    result = subprocess.run([sys.executable, "distill.py", "--config", str(config), "--print_config"],
-                            capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["teacher_dir"] == yaml.safe_load(config.read_text())["teacher_dir"]
+def test_config_hub_yaml_parses(config, capsys):
+    with pytest.raises(SystemExit) as e:  # --print_config prints the parsed config and exits
+        CLI(distill.setup, args=["--config", str(config), "--print_config"], exit_on_error=False, as_positional=False)
+    assert e.value.code in (None, 0)
+    assert yaml.safe_load(capsys.readouterr().out)["teacher_dir"] == yaml.safe_load(config.read_text())["teacher_dir"]
 
 
 @pytest.mark.slow
@@ -367,9 +493,9 @@ def test_two_fsdp_processes_match_one(tmp_path, setup_dir):
     optimize(fn=SameBlock(block), inputs=list(range(64)), output_dir=str(tmp_path / "same" / "chunks" / "train"),
              chunk_bytes="1MB", item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
     os.symlink(setup_dir / "teacher", tmp_path / "same" / "teacher")
-    run(distill_cmd(tmp_path / "same", tmp_path / "one", "--data.val_dir", "null", steps=4))
-    run(distill_cmd(tmp_path / "same", tmp_path / "two", "--data.val_dir", "null", "--devices", "2", "--strategy",
-                    "fsdp", steps=4))
+    run_script(distill_args(tmp_path / "same", tmp_path / "one", "--data.val_dir", "null", steps=4))
+    run_script(distill_args(tmp_path / "same", tmp_path / "two", "--data.val_dir", "null", "--devices", "2",
+                            "--strategy", "fsdp", steps=4))
     for column in ("ce_loss", "kd_loss"):
         ones = [float(r[column]) for r in read_metrics(tmp_path / "one")]
         assert [float(r[column]) for r in read_metrics(tmp_path / "two")] == pytest.approx(ones, abs=1e-5)
@@ -379,14 +505,16 @@ def test_two_fsdp_processes_match_one(tmp_path, setup_dir):
 def test_two_ranks_read_different_samples(tmp_path):
     """The half of test_two_fsdp_processes_match_one that its identical blocks cannot see: under a launched 2-process
     Fabric (FSDP, as there), distill.py's train loaders give each rank its own samples: litdata chunks
-    (make_datasets, make_train_loader), the teacher's top-K cache (each rank caches a share in ensure_teacher_cache,
-    make_cached_loader reads it) and SFT examples (StepSampler). Sample i is [i] * T, so a micro-batch names its
-    samples; one epoch of the two ranks together is the data once, split in two."""
+    (make_datasets, make_train_loader), the teacher's top-K logits (written by data_prep/teacher_topk.py in one
+    process, read through open_teacher_topk and make_cached_loader) and SFT examples (StepSampler). Sample i is
+    [i] * T, so a micro-batch names its samples; one epoch of the two ranks together is the data once, split in two."""
     from litdata import TokensLoader, optimize
     optimize(fn=constant_block, inputs=list(range(64)), output_dir=str(tmp_path / "train"), chunk_bytes="1MB",
              item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
     teacher = tiny()
     save_checkpoint(tmp_path / "teacher", teacher.config, teacher.state_dict())
+    teacher_topk.main(teacher_dir=tmp_path / "teacher", topk=4, out_dir=tmp_path / "cache", block_size=32,
+                      vocab_size=VOCAB, data=teacher_topk.DataArgs(train_dirs=[str(tmp_path / "train")]))
     ranks = launch_two_ranks(distill_loader_ids, tmp_path, str(tmp_path))
     for source in ("chunks", "cached", "sft"):
         ids = [rank[source] for rank in ranks]
@@ -402,9 +530,10 @@ def distill_loader_ids(root: str, out: str) -> None:
 
     import lightning as L
 
-    from distill import (DataArgs, TrainArgs, ensure_teacher_cache, load_teacher, make_cached_loader, make_datasets,
-                         make_distill_strategy, make_train_loader)
-    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=make_distill_strategy("fsdp", 2, 1))
+    from distill import (DataArgs, TrainArgs, make_cached_loader, make_datasets, make_train_loader, open_teacher_topk,
+                         shard_distiller)
+    from training import make_strategy
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=make_strategy("fsdp", 2, 1, shard=shard_distiller))
     fabric.launch()
     root = Path(root)
     config = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=32)
@@ -412,9 +541,8 @@ def distill_loader_ids(root: str, out: str) -> None:
     train = TrainArgs(global_batch_size=8, micro_batch_size=4)
     train_set, _ = make_datasets(fabric, data, config, None, train)  # chunks: no tokenizer needed
     ids = dict(chunks=block_ids(make_train_loader(fabric, train_set, data, train)))
-    cache_dirs = ensure_teacher_cache(fabric, lambda: load_teacher(fabric, root / "teacher", None, "32-true"),
-                                      train_set, data, config, root / "cache", K=4, vocab=VOCAB, train=train,
-                                      chunk_size=None, teacher_dir=root / "teacher", teacher_quantize=None)
+    cache_dirs, K = open_teacher_topk(root / "cache", root / "teacher", data, config, VOCAB, train.seed)
+    assert K == 4
     cached = make_cached_loader(fabric, cache_dirs, data, train.micro_batch_size, train.seed)
     ids["cached"] = block_ids(batch["input_ids"] for batch in cached)
     sft = make_train_loader(fabric, NumberedExamples(64), DataArgs(format="sft"), train)
