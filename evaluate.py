@@ -31,7 +31,7 @@ from jsonargparse import CLI
 from tqdm import tqdm
 
 from checkpoint import CONFIG, WEIGHTS, load_model, read_chunk_index, require, weights_dtype
-from data_prep.corpus import find_files, read_documents
+from corpus import find_files, read_documents
 from generation import generate
 from model import GPT, IGNORE_INDEX, InputError
 from tokenizer import Tokenizer

@@ -4,13 +4,12 @@ padding, so a batched row produces the same tokens as the prompt alone (tests/te
 """
 
 import mmap
-import types
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from model import GPT, InputError, linear
+from model import GPT, MLP, Attention, InputError, linear
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
@@ -41,18 +40,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) ->
 
 def use_decode_layout(model: GPT) -> GPT:
     """Lay the weights out for decoding, keeping values, shapes and state-dict keys: q/k/v and gate/up stacked into
-    one matrix each (GPT.fuse_projections), and, on the CPU in float32, every matrix a decode step multiplies by
-    stored column-major (the transposed matrix contiguous, viewed back at its own shape) in memory backed by 2 MB
-    pages. A decode step multiplies one row per sequence by every matrix and is bound by reading them:
-    - the CPU BLAS reads W^T contiguous faster for that: the 32000 x 512 head times one row takes 7.3 ms against
-      11.1 ms row-major (2 threads, this 2-core machine; no difference on cache-sized matrices);
-    - 2 MB pages spare the 140 MB a token of a 51.75M model ~35,000 TLB misses (page walks are dearest in a VM):
-      a token took 15.0 instead of 17.0 ms (medians of 16 alternating generations, same weights, one process);
-    - a column-major matrix's columns split into one block per thread (model.linear, which the Linear modules here
-      are made to call): the BLAS gives a matrix-vector product one thread.
-    Matmuls over a whole prompt lose a little (about 5%), so use it for generation, not for scoring or training."""
+    one matrix each (fuse_projections), and, on the CPU in float32, every matrix a decode step multiplies by stored
+    column-major (the transposed matrix contiguous, viewed back at its own shape) in memory backed by 2 MB pages,
+    with the Linear layers swapped for DecodeLinear. A decode step multiplies one row per sequence by every matrix
+    and is bound by reading them:
+    - the CPU BLAS reads W^T contiguous faster for that than W (no difference on cache-sized matrices);
+    - 2 MB pages spare a token's stream of weights one TLB miss per 4 KB (page walks are dearest in a VM);
+    - a column-major matrix's columns split into one block per thread (model.linear, which DecodeLinear calls): the
+      BLAS gives a matrix-vector product one thread.
+    Matmuls over a whole prompt lose a little, so use it for generation, not for scoring or training. Measurements:
+    bench/RESULTS.md."""
     if model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
-        model.fuse_projections()
+        fuse_projections(model)
         return model
     matrices = [m.weight for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
     if model.lm_head is None:  # a tied head multiplies by the embedding table
@@ -63,14 +62,60 @@ def use_decode_layout(model: GPT) -> GPT:
         return arena.take(rows * cols).view(cols, rows).t()
 
     with torch.no_grad():
-        model.fuse_projections(column_major)
+        fuse_projections(model, column_major)
         for weight in matrices:
             if weight.is_contiguous():  # not one of the views into a stacked matrix, laid out above
                 weight.data = column_major(*weight.shape).copy_(weight)
-    for module in model.modules():
-        if type(module) is nn.Linear:  # the instance's forward: type, names and state dict stay nn.Linear's
-            module.forward = types.MethodType(lambda self, x: linear(x, self.weight, self.bias), module)
+    for owner in list(model.modules()):  # a module swap, as add_lora and quantize_model do
+        for name, child in list(owner.named_children()):
+            if type(child) is nn.Linear:
+                setattr(owner, name, DecodeLinear(child))
     return model
+
+
+class DecodeLinear(nn.Linear):
+    """An nn.Linear whose product is model.linear's (a decode step's rows split across the threads when the weight
+    is column-major). It holds the swapped layer's own weight and bias Parameters, so the state dict is unchanged."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)  # no new weights: take the layer's
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def fuse_projections(model: GPT, empty: Callable[[int, int], torch.Tensor] | None = None) -> None:
+    """Stack each layer's q, k and v weights into one matrix (Attention.qkv_weight), and gate and up into another
+    (MLP.gate_up_weight), so a decode step runs one matrix-vector product where it ran three or two, each of which
+    pays its own start-up and memory latency. The separate weights become views into the stacked ones, so values,
+    the state dict and in-place loads are shared. Only plain nn.Linear projections are stacked, not LoRA or
+    quantised ones. empty(rows, cols): the memory for a stacked matrix (default a new contiguous tensor)."""
+    def stack(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = torch.cat([layer.weight for layer in layers])
+        if empty is not None:
+            weight = empty(*weight.shape).copy_(weight)
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        start = 0
+        for layer in layers:
+            rows = layer.weight.shape[0]
+            layer.weight.data = weight[start:start + rows]
+            if bias is not None:
+                layer.bias.data = bias[start:start + rows]
+            start += rows
+        return weight, bias
+
+    for module in model.modules():
+        if isinstance(module, Attention) and module.qkv_weight is None:
+            layers = [module.q_proj, module.k_proj, module.v_proj]
+            if all(type(layer) is nn.Linear for layer in layers):
+                module.qkv_weight, module.qkv_bias = stack(layers)
+        elif isinstance(module, MLP) and module.config.mlp != "plain" and module.gate_up_weight is None:
+            layers = [module.gate_proj, module.up_proj]
+            if all(type(layer) is nn.Linear for layer in layers):
+                module.gate_up_weight, module.gate_up_bias = stack(layers)
 
 
 class HugePageArena:

@@ -5,7 +5,7 @@ reference `transformers` implementation logit for logit (tests/test_convert.py).
 """
 
 import math
-from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import UnionType
@@ -254,39 +254,6 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     @torch.no_grad()
-    def fuse_projections(self, empty: Callable[[int, int], torch.Tensor] | None = None) -> None:
-        """For generation: stack each layer's q, k and v weights into one matrix, and gate and up into another, so
-        a decode step runs one matrix-vector product where it ran three or two (each pays its own start-up and
-        memory latency: on a 2-core CPU, 51.75M Llama, the layers' products took 6.9 instead of 8.6 ms a token).
-        The separate weights become views into the stacked ones, so values, the state dict and in-place loads are
-        shared. Only plain nn.Linear projections are stacked, not LoRA or quantised ones.
-        empty(rows, cols): the memory for a stacked matrix (default a new contiguous tensor); generation's
-        use_decode_layout passes column-major memory."""
-        def stack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            weight = torch.cat([linear.weight for linear in linears])
-            if empty is not None:
-                weight = empty(*weight.shape).copy_(weight)
-            bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-            start = 0
-            for linear in linears:
-                rows = linear.weight.shape[0]
-                linear.weight.data = weight[start:start + rows]
-                if bias is not None:
-                    linear.bias.data = bias[start:start + rows]
-                start += rows
-            return weight, bias
-
-        for module in self.modules():
-            if isinstance(module, Attention) and module.qkv_weight is None:
-                linears = [module.q_proj, module.k_proj, module.v_proj]
-                if all(type(linear) is nn.Linear for linear in linears):
-                    module.qkv_weight, module.qkv_bias = stack(linears)
-            elif isinstance(module, MLP) and module.config.mlp != "plain" and module.gate_up_weight is None:
-                linears = [module.gate_proj, module.up_proj]
-                if all(type(linear) is nn.Linear for linear in linears):
-                    module.gate_up_weight, module.gate_up_bias = stack(linears)
-
-    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialisation for training from scratch (GPT-2 / nanoGPT): every Linear and the embedding
         ~ N(0, 0.02), biases 0, and the projections that write into the residual stream (o_proj, down_proj)
@@ -350,7 +317,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window if use_window else None
         self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
         self.kv_cache: KVCache | None = None
-        # q, k and v stacked into one matrix by GPT.fuse_projections (for generation); None: three matmuls
+        # q, k and v stacked into one matrix by generation.fuse_projections; None: three matmuls
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
 
@@ -405,6 +372,183 @@ IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt tokens, pa
 
 
 @torch.compiler.disable  # a Python loop over chunks with in-place updates: nothing for the compiler to gain
+def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, explicit: bool):
+    """Boolean (T, S) masks, True = may attend, for full and sliding-window layers: (full, sliding).
+    None stands for "every key up to the query's own position", which needs no mask tensor: SDPA's is_causal
+    when T == S (a full forward, or a prefill from slot 0), nothing at all when T == 1 (a decode step, whose
+    keys are exactly the filled slots). explicit: always build them (per-row padding is added to them)."""
+    T, S = len(q_pos), len(k_pos)
+    delta = q_pos[:, None] - k_pos[None, :]  # how far back each key is from each query
+    implicit = not explicit and (T == S or T == 1)
+    full = None if implicit else delta >= 0
+    sliding = None
+    if config.sliding_window is not None and not (implicit and S <= config.sliding_window):
+        sliding = (delta >= 0) & (delta < config.sliding_window)
+    return full, sliding
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, n_kv_head, max_seq_length, head_dim, device, dtype):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos, k, v):
+        # Slot = absolute position, so the causal mask over slots also hides slots not yet written.
+        # (index_copy_ rather than self.k[:, :, input_pos] = k: half the time of index_put on CPU)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        C, H = config.n_embd, config.intermediate_size
+        if config.mlp in ("gated", "moe"):
+            self.gate_proj = nn.Linear(C, H, bias=config.mlp_bias)
+        elif config.mlp != "plain":
+            raise ValueError(f"Config.mlp must be 'gated', 'plain' or 'moe', got {config.mlp!r}")
+        self.up_proj = nn.Linear(C, H, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(H, C, bias=config.mlp_bias)
+        # gate and up stacked into one matrix by generation.fuse_projections; None: two matmuls
+        self.register_buffer("gate_up_weight", None, persistent=False)
+        self.register_buffer("gate_up_bias", None, persistent=False)
+
+    def forward(self, x):
+        if self.config.mlp == "plain":
+            return self.down_proj(activation(self.config.activation, self.up_proj(x)))
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return self.down_proj(activation(self.config.activation, gate) * up)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of gated MLP experts with top-k routing (Mixtral)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.routing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last training forward's, see forward
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        # Mixtral: softmax over all experts in fp32, keep the top k, renormalise them to sum to 1.
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
+        if self.training:
+            # What the load-balancing loss needs of this layer (router_aux_loss): per expert, the tokens routed to it
+            # (top-k slots counted) and the router probability it got, summed over the tokens; and the token count
+            counts = torch.zeros(self.config.n_expert, device=x.device).index_add_(
+                0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
+            self.routing = (counts, probs.sum(0), B * T)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return y.view(B, T, C)
+
+
+def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The load-balancing loss of the last training forward's MoE layers (Switch Transformer eq. 4-6, arXiv:2101.03961;
+    Mixtral's form): n_expert * sum_e f_e * P_e, with f_e the share of top-k slots routed to expert e and P_e its mean
+    router probability, both pooled over every MoE layer's tokens, as transformers' load_balancing_loss_func computes
+    them (tests/test_model.py). 1 * k when balanced; it grows as routing collapses onto few experts. Only P carries a
+    gradient. None when the model has no MoE layer. Training scripts add router_aux_loss_coef times it to the loss."""
+    stats = [m.routing for m in model.modules() if isinstance(m, MoE) and m.routing is not None]
+    if not stats:
+        return None
+    counts = sum(c for c, _, _ in stats)
+    prob_sums = sum(p for _, p, _ in stats)
+    rows = sum(n for _, _, n in stats)
+    return len(counts) * torch.sum((counts / rows) * (prob_sums / rows))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+
+    def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and not self.offset:
+            # x * rsqrt(mean(x^2) + eps) * weight in one op (a decode step calls two per layer)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # in float32, as transformers does, and in one op: bitwise x * rsqrt(mean(x^2) + eps) on the CPU
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        if self.offset:
+            # Gemma scales in fp32, then casts
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        # Llama casts back to the activation dtype, then scales: the order matters in bf16
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: Config, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps, config.norm_offset)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    raise ValueError(f"Config.norm must be 'rmsnorm' or 'layernorm', got {config.norm!r}")
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"Config.activation must be 'silu', 'gelu' or 'gelu_tanh', got {name!r}")
+
+
+def build_rope_cache(config: Config, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (seq_len, rope_n_elem), in fp32. Frequencies as transformers computes them,
+    with the two halves of a head rotated together (rotate_half), the layout of HF checkpoints."""
+    dim = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    if config.rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        low_wavelen = config.rope_original_block_size / config.rope_low_freq_factor
+        high_wavelen = config.rope_original_block_size / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        smooth = (config.rope_original_block_size / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif config.rope_type != "default":
+        raise ValueError(f"Config.rope_type must be 'default' or 'llama3', got {config.rope_type!r}")
+    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rope_n_elem channels of x (B, n_head, T, head_dim); the rest pass through."""
+    rd = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot, rest = x[..., :rd], x[..., rd:]
+    half1, half2 = rot[..., : rd // 2], rot[..., rd // 2:]
+    rotated = rot * cos + torch.cat((-half2, half1), dim=-1) * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Speed: the two kernels the modules above call instead of a plain PyTorch op, each the same numbers by another route
+# (tests/test_model.py). linear_cross_entropy: GPT.forward's loss without the (B, T, vocab) logits. linear: F.linear,
+# with the matrix-vector products of a decode step split across the CPU's threads. Measurements: bench/RESULTS.md.
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                          final_softcap: float | None = None, chunk_rows: int = 256) -> torch.Tensor:
     """Sum over rows of cross_entropy(x @ weight.T + bias, targets), targets == IGNORE_INDEX left out, with the
@@ -492,140 +636,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, explicit: bool):
-    """Boolean (T, S) masks, True = may attend, for full and sliding-window layers: (full, sliding).
-    None stands for "every key up to the query's own position", which needs no mask tensor: SDPA's is_causal
-    when T == S (a full forward, or a prefill from slot 0), nothing at all when T == 1 (a decode step, whose
-    keys are exactly the filled slots). explicit: always build them (per-row padding is added to them)."""
-    T, S = len(q_pos), len(k_pos)
-    delta = q_pos[:, None] - k_pos[None, :]  # how far back each key is from each query
-    implicit = not explicit and (T == S or T == 1)
-    full = None if implicit else delta >= 0
-    sliding = None
-    if config.sliding_window is not None and not (implicit and S <= config.sliding_window):
-        sliding = (delta >= 0) & (delta < config.sliding_window)
-    return full, sliding
-
-
-class KVCache(nn.Module):
-    def __init__(self, batch_size, n_kv_head, max_seq_length, head_dim, device, dtype):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def forward(self, input_pos, k, v):
-        # Slot = absolute position, so the causal mask over slots also hides slots not yet written.
-        # (index_copy_ rather than self.k[:, :, input_pos] = k: half the time of index_put on CPU)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
-
-
-class MLP(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        C, H = config.n_embd, config.intermediate_size
-        if config.mlp in ("gated", "moe"):
-            self.gate_proj = nn.Linear(C, H, bias=config.mlp_bias)
-        elif config.mlp != "plain":
-            raise ValueError(f"Config.mlp must be 'gated', 'plain' or 'moe', got {config.mlp!r}")
-        self.up_proj = nn.Linear(C, H, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(H, C, bias=config.mlp_bias)
-        # gate and up stacked into one matrix by GPT.fuse_projections (for generation); None: two matmuls
-        self.register_buffer("gate_up_weight", None, persistent=False)
-        self.register_buffer("gate_up_bias", None, persistent=False)
-
-    def forward(self, x):
-        if self.config.mlp == "plain":
-            return self.down_proj(activation(self.config.activation, self.up_proj(x)))
-        if self.gate_up_weight is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return self.down_proj(activation(self.config.activation, gate) * up)
-
-
-class MoE(nn.Module):
-    """Sparse mixture of gated MLP experts with top-k routing (Mixtral)."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.routing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last training forward's, see forward
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(B * T, C)
-        # Mixtral: softmax over all experts in fp32, keep the top k, renormalise them to sum to 1.
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
-        if self.training:
-            # What the load-balancing loss needs of this layer (router_aux_loss): per expert, the tokens routed to it
-            # (top-k slots counted) and the router probability it got, summed over the tokens; and the token count
-            counts = torch.zeros(self.config.n_expert, device=x.device).index_add_(
-                0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
-            self.routing = (counts, probs.sum(0), B * T)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return y.view(B, T, C)
-
-
-def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """The load-balancing loss of the last training forward's MoE layers (Switch Transformer eq. 4-6, arXiv:2101.03961;
-    Mixtral's form): n_expert * sum_e f_e * P_e, with f_e the share of top-k slots routed to expert e and P_e its mean
-    router probability, both pooled over every MoE layer's tokens, as transformers' load_balancing_loss_func computes
-    them (tests/test_model.py). 1 * k when balanced; it grows as routing collapses onto few experts. Only P carries a
-    gradient. None when the model has no MoE layer. Training scripts add router_aux_loss_coef times it to the loss."""
-    stats = [m.routing for m in model.modules() if isinstance(m, MoE) and m.routing is not None]
-    if not stats:
-        return None
-    counts = sum(c for c, _, _ in stats)
-    prob_sums = sum(p for _, p, _ in stats)
-    rows = sum(n for _, _, n in stats)
-    return len(counts) * torch.sum((counts / rows) * (prob_sums / rows))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
-        super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
-
-    def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32 and not self.offset:
-            # x * rsqrt(mean(x^2) + eps) * weight in one op (a decode step calls two per layer)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # in float32, as transformers does, and in one op: bitwise x * rsqrt(mean(x^2) + eps) on the CPU
-        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        if self.offset:
-            # Gemma scales in fp32, then casts
-            return (normed * (self.offset + self.weight.float())).to(x.dtype)
-        # Llama casts back to the activation dtype, then scales: the order matters in bf16
-        return self.weight * normed.to(x.dtype)
-
-
-def make_norm(config: Config, dim: int) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps, config.norm_offset)
-    if config.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=config.norm_eps)
-    raise ValueError(f"Config.norm must be 'rmsnorm' or 'layernorm', got {config.norm!r}")
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for a few rows (a decode step) times a weight stored column-major on the CPU
     (generation.use_decode_layout): the CPU BLAS multiplies them on one thread while the other cores wait, so the
-    weight's columns are cut into one block per thread and bmm multiplies the blocks in parallel: on 2 cores 20
-    instead of 15 GB/s of weights over SmolLM2's matrices. The same dot products (to the last bit but for some
-    one-row products with a bias, which the BLAS adds in another kernel)."""
+    weight's columns are cut into one block per thread and bmm multiplies the blocks in parallel. The same dot
+    products (to the last bit but for some one-row products with a bias, which the BLAS adds in another kernel)."""
     N, K = weight.shape
     parts = torch.get_num_threads()
     rows = x.numel() // K
@@ -636,49 +651,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xs = x.reshape(1, rows, K).expand(parts, rows, K)
     y = torch.bmm(xs, blocks) if bias is None else torch.baddbmm(bias.view(parts, 1, N // parts), xs, blocks)
     return y.transpose(0, 1).reshape(*x.shape[:-1], N)
-
-
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return F.silu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"Config.activation must be 'silu', 'gelu' or 'gelu_tanh', got {name!r}")
-
-
-def build_rope_cache(config: Config, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, (seq_len, rope_n_elem), in fp32. Frequencies as transformers computes them,
-    with the two halves of a head rotated together (rotate_half), the layout of HF checkpoints."""
-    dim = config.rope_n_elem
-    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
-    if config.rope_type == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
-        low_wavelen = config.rope_original_block_size / config.rope_low_freq_factor
-        high_wavelen = config.rope_original_block_size / config.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
-        smooth = (config.rope_original_block_size / wavelen - config.rope_low_freq_factor) / (
-            config.rope_high_freq_factor - config.rope_low_freq_factor)
-        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    elif config.rope_type != "default":
-        raise ValueError(f"Config.rope_type must be 'default' or 'llama3', got {config.rope_type!r}")
-    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rope_n_elem channels of x (B, n_head, T, head_dim); the rest pass through."""
-    rd = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rot, rest = x[..., :rd], x[..., rd:]
-    half1, half2 = rot[..., : rd // 2], rot[..., rd // 2:]
-    rotated = rot * cos + torch.cat((-half2, half1), dim=-1) * sin
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -737,6 +709,7 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear wraps nn.Linear or a quantize.py layer, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling, self.dropout, self.use_dora = config.scaling, config.dropout, config.use_dora
+        self.disabled = False  # the base layer alone (lora_disabled): a LoRA policy's reference model
         self.weight, self.bias = base.weight, base.bias
         object.__setattr__(self, "base", None if type(base) is nn.Linear else base)  # bypass submodule registration
         w = base.weight
@@ -753,6 +726,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias) if self.base is None else self.base_forward(x)
+        if self.disabled:
+            return y
         A, B = self.lora_A, self.lora_B
         h = x.to(A.dtype)
         if self.dropout and self.training:
@@ -822,6 +797,19 @@ def add_lora(model: GPT, lora: LoRAConfig) -> None:
         for owner in owners:
             setattr(owner, attr, LoRALinear(getattr(owner, attr), lora))
     mark_only_lora_trainable(model)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Inside: the model computes as its base, every LoRALinear its base layer alone (a LoRA policy's reference)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def is_lora_key(name: str) -> bool:

@@ -34,7 +34,7 @@ class EncodeEachDocument:
     def __call__(self, path: str):
         import torch
 
-        from data_prep.corpus import read_documents
+        from corpus import read_documents
         from tokenizer import Tokenizer
         if self.tokenizer is None:
             self.tokenizer = Tokenizer(Path(self.tokenizer_dir))
@@ -47,7 +47,7 @@ class EncodeEachDocument:
 def baseline(args) -> None:
     from litdata import TokensLoader, optimize
 
-    from data_prep.corpus import find_files
+    from corpus import find_files
     from data_prep.prepare_text import count
     files = find_files(args.inputs, args.pattern, EXCLUDE)
     start = time.perf_counter()  # as prepare_text.py: after finding the files
@@ -105,7 +105,7 @@ def main() -> None:
 def encoder_alone(args) -> tuple[int, float]:
     """The tokenizer's own speed on the whole corpus, already in memory, one process using every core: no reading,
     no writing, no worker processes. Nothing built on this tokenizer library prepares the corpus faster."""
-    from data_prep.corpus import find_files, read_documents
+    from corpus import find_files, read_documents
     from tokenizer import Tokenizer
     documents = [d for f in find_files(args.inputs, args.pattern, EXCLUDE) for d in read_documents(f)]
     encoder = Tokenizer(args.tokenizer_dir).backend

@@ -94,7 +94,7 @@ def build_corpus(out: Path) -> Path:
     """Whole stdlib .py files, in their sorted order, until 4 MB, as .txt files."""
     if out.is_dir():
         return out
-    from data_prep.corpus import find_files
+    from corpus import find_files
     from data_prep.prepare_stdlib import EXCLUDE
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tmp = out.with_name(out.name + ".tmp")

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from jsonargparse import CLI
 
 from model import InputError
-from data_prep.corpus import find_files
+from corpus import find_files
 from data_prep.prepare_text import report, tokenize_to_chunks
 
 

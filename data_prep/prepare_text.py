@@ -27,7 +27,7 @@ from litdata import TokensLoader, optimize
 
 from checkpoint import atomic_directory, check_writable_directory, require
 from model import InputError
-from data_prep.corpus import find_files, read_documents
+from corpus import find_files, read_documents
 from tokenizer import Tokenizer
 
 

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from checkpoint import atomic_directory, check_writable_directory, require
 from model import InputError
-from data_prep.corpus import find_files, iter_documents
+from corpus import find_files, iter_documents
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 MIN_VOCAB = 256 + 2  # the byte alphabet and the two special tokens: a smaller size would be ignored

@@ -22,7 +22,7 @@ import pretrain
 from checkpoint import save_checkpoint, save_lora
 from conftest import ROOT
 from convert import from_hf, merge_lora, to_hf
-from data_prep import prepare_text, train_tokenizer
+from data_prep import prepare_slimpajama, prepare_starcoder, prepare_stdlib, prepare_text, train_tokenizer
 from model import GPT, Config, InputError, LoRAConfig, add_lora, lora_state_dict
 from test_pretrain import write_corpus
 
@@ -63,6 +63,10 @@ def tiny(tmp_path_factory) -> Path:
     model = GPT(config)
     add_lora(model, LoRAConfig(r=2))
     save_lora(root / "lora", LoRAConfig(r=2), lora_state_dict(model), root / "base", root / "tokenizer")
+    up = GPT(config)
+    add_lora(up, LoRAConfig(r=2, targets=("up",)))  # fits a base of this config only: the wider MLP's is 256 wide
+    save_lora(root / "lora_up", LoRAConfig(r=2, targets=("up",)), lora_state_dict(up), root / "base",
+              root / "tokenizer")
     longer = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=256)
     save_checkpoint(root / "base256", longer, GPT(longer).state_dict(), tokenizer_dir=root / "tokenizer")
     save_lora(root / "lora_run" / "step-00000004", LoRAConfig(r=2), lora_state_dict(model), root / "base256",
@@ -189,7 +193,7 @@ BAD_FILES = [
                                "--resume", str(t / "lora_run" / "step-00000004")],
      "step-00000004/lora.safetensors", "has shape (2, 64), lora_config.yaml and the base model implies (8, 64)"),
     (distill, lambda t: ["--data.train_dirs", json.dumps([str(t / "chunks" / "train")]), "--data.val_dir", "null",
-                         "--cache_teacher_topk", "4", "--teacher_cache_dir", str(t / "cache")],
+                         "--teacher_topk_dir", str(t / "cache")],
      "cache/train-0/meta.json", "invalid JSON"),
     (evaluate, lambda t: ["--data", str(t / "corpus"), "--out", str(t / "corpus")], "--out",
      "not a directory"),
@@ -233,6 +237,38 @@ def test_an_output_directory_never_replaces_an_input(tiny, tmp_path, script, arg
         CLI(entry, args=args(tiny, tmp_path), exit_on_error=False, as_positional=script in (to_hf, from_hf))
     assert "which this run reads" in str(e.value) and culprit in str(e.value), str(e.value)
     assert digest(tiny) == before
+
+
+# (script, its arguments given the fixture's root and an empty directory, what the line must say): the data preparation
+# and conversion scripts' inputs, missing or not what they should be
+BAD_SOURCES = [
+    (prepare_slimpajama, lambda t, e: ["--input_dir", str(t / "nope"), "--tokenizer_dir", str(t / "tokenizer")],
+     "nope/train: no such file or directory"),
+    (prepare_starcoder, lambda t, e: ["--input_dir", str(e), "--tokenizer_dir", str(t / "tokenizer")],
+     "no input files found in " + "{empty} matching '*.parquet'"),
+    (prepare_stdlib, lambda t, e: ["--vocab_size", "5"], "--vocab_size 5: expected at least 258"),
+    (prepare_text, lambda t, e: ["--inputs", str(t / "corpus"), "--tokenizer_dir", str(e), "--out_dir", str(e / "x")],
+     "{empty}/tokenizer.json: not found"),
+    (to_hf, lambda t, e: [str(e), "--out_dir", str(e / "hf")], "{empty}/model_config.yaml: not found"),
+    (from_hf, lambda t, e: [str(t / "base"), "--out_dir", str(e / "x")], "base/config.json: not found"),
+    (merge_lora, lambda t, e: ["--lora_dir", str(t / "base"), "--out_dir", str(e / "x")],
+     "base/lora_config.yaml: not found"),
+    (merge_lora, lambda t, e: ["--lora_dir", str(t / "lora_up"), "--base_dir",
+                               str(t / "run_mismatched" / "step-00000004"), "--out_dir", str(e / "x")],
+     "lora_up/lora.safetensors: layers.0.mlp.up_proj.lora_B has shape (128, 2), lora_config.yaml and the base model "
+     "implies (256, 2)"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", BAD_SOURCES,
+                         ids=[f"{s.__name__.split('.')[-1]}-{i}" for i, (s, _, _) in enumerate(BAD_SOURCES)])
+def test_a_missing_or_unfitting_source_is_named(tiny, tmp_path, script, args, message):
+    before = digest(tiny)
+    entry = getattr(script, "main", None) or getattr(script, "merge", None) or script.convert
+    with pytest.raises(InputError) as e:
+        CLI(entry, args=args(tiny, tmp_path), exit_on_error=False, as_positional=script in (to_hf, from_hf))
+    assert "\n" not in str(e.value) and message.format(empty=tmp_path) in str(e.value), str(e.value)
+    assert digest(tiny) == before and sorted(tmp_path.iterdir()) == []
 
 
 def test_a_jsonl_line_without_the_text_field_is_one_line_from_a_worker(tiny, tmp_path):
@@ -286,15 +322,16 @@ def test_distill_lora_error_is_the_cause_its_main_prints(tiny, tmp_path):
     assert isinstance(e.value.__cause__, InputError) and str(e.value.__cause__).startswith("--lora.targets ['foo']")
 
 
-@pytest.mark.slow  # three script starts (~35 s on 2 cores); the in-process tables above cover the messages
+@pytest.mark.slow  # four script starts (~45 s on 2 cores); the in-process tables above cover the messages
 @pytest.mark.parametrize("script,flags,culprit", [
     ("pretrain.py", ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0"),  # InputError
     ("distill.py", ["--lora.r", "0"], "--lora.r 0"),  # InputError, through jsonargparse's Union error
     ("generate.py", ["--temperature", "-1"], "--temperature -1.0"),  # a check at the top of main()
+    ("evaluate.py", ["--data", "README.md", "--stride", "0"], "--stride 0"),  # its own argv handling (gather_nargs)
 ])
 def test_main_prints_one_error_line(tiny, tmp_path, script, flags, culprit):
     """The __main__ path itself: exit code 1, no traceback, one 'error:' line naming the flag."""
-    module = {"pretrain.py": pretrain, "distill.py": distill, "generate.py": generate}[script]
+    module = {"pretrain.py": pretrain, "distill.py": distill, "generate.py": generate, "evaluate.py": evaluate}[script]
     result = subprocess.run([sys.executable, script, *script_args(module, tiny, tmp_path, *flags)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]

@@ -234,7 +234,7 @@ def test_prepare_text_on_nothing_readable_keeps_the_dataset(good, tmp_path):
 
 
 def test_an_empty_input_directory_is_named_whole(tmp_path):
-    (tmp_path / "empty").mkdir()  # (prepare_text.py finds its files with the same data_prep.corpus.find_files)
+    (tmp_path / "empty").mkdir()  # (prepare_text.py finds its files with the same corpus.find_files)
     line = error_line([sys.executable, "data_prep/train_tokenizer.py", "--inputs", str(tmp_path / "empty"),
                        "--out_dir", str(tmp_path / "out")])
     assert "no input files" in line and str(tmp_path / "empty") in line

@@ -4,17 +4,18 @@ chat, bad input; on the real SmolLM2-135M-Instruct, greedy chat equals transform
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import CLI
 
+import generate as generate_script
 from checkpoint import load_model, save_checkpoint
 from conftest import ROOT
 from convert import from_hf
 from data_prep import train_tokenizer
-from generation import filter_top_k_top_p, generate, sample, use_decode_layout
-from model import GPT, Config
+from generation import DecodeLinear, filter_top_k_top_p, generate, sample, use_decode_layout
+from model import GPT, Config, InputError
 from tokenizer import Tokenizer
 
 PROMPTS = ["def f(x):", "return x *", "def function_3_7(x):\n    return", "x"]
@@ -148,11 +149,13 @@ def test_plain_chat_for_a_model_without_template_keeps_the_conversation(tiny_dir
     (["--prompts_file", "/nonexistent.txt"], "--prompts_file /nonexistent.txt: not found"),
 ])
 def test_bad_input_is_one_line(tiny_dirs, args, message):
+    """Run in this process: what generate.py's __main__ prints after 'error: ' (tests/test_bad_input.py runs one real
+    __main__)."""
     if "--checkpoint_dir" not in args:
         args = ["--checkpoint_dir", tiny_dirs["plain"], *args]
-    result = run_cli(*args, check=False)
-    assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    with pytest.raises(InputError) as e:
+        CLI(generate_script.main, args=[str(a) for a in args], exit_on_error=False)
+    assert "\n" not in str(e.value) and message in str(e.value), str(e.value)
 
 
 @pytest.mark.real_model
@@ -237,6 +240,9 @@ def test_decode_layout_changes_layout_not_results(overrides):
     tokens = generate(model, idx.tolist(), 10)
     use_decode_layout(model)
 
+    # a module swap that model.modules() shows, not a forward replaced on each instance
+    assert not any(type(m) is torch.nn.Linear or "forward" in vars(m) for m in model.modules())
+    assert any(isinstance(m, DecodeLinear) for m in model.modules())
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
     assert head.stride() == (1, head.shape[0])
     for block in model.layers:
