@@ -31,12 +31,12 @@ from tqdm import tqdm
 from checkpoint import (check_state_dict, check_writable_directory, load_config, load_model, load_state_dict, require,
                         save_checkpoint, weights_dtype)
 from generation import generate
-from model import Block, InputError, router_aux_loss
+from model import Block, Config, InputError, router_aux_loss
 from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_full_state, load_full_state,
-                      load_train_state, lr_at, make_loggers, make_optimizer, make_strategy, precision_args,
-                      prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
+from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_full_state,
+                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
+                      precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
 
 METRICS = ["step", "epoch", "tokens", "train_loss", "val_loss", "lr", "tokens_per_sec", "router_aux_loss",
@@ -63,7 +63,8 @@ class TrainArgs:
     global_batch_size: int = 16  # examples per optimizer step, all ranks together
     micro_batch_size: int = 4  # examples per forward pass on one rank
     epochs: int | None = 3  # passes over the training examples...
-    max_steps: int | None = None  # ...or optimizer steps (the lower wins)
+    max_steps: int | None = None  # ...or optimizer steps (the lower wins)...
+    max_time: float | None = None  # ...or seconds of training (checkpoint and stop)
     lr: float = 2e-5
     min_lr: float = 2e-6  # cosine decays to this
     warmup_steps: int = 10
@@ -76,6 +77,7 @@ class TrainArgs:
         for name in ("global_batch_size", "micro_batch_size", "epochs", "max_steps"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"--train.{name}", value, "a positive integer")
+        require(self.max_time is None or self.max_time > 0, "--train.max_time", self.max_time, "seconds > 0")
         require(self.lr > 0, "--train.lr", self.lr, "a positive learning rate")
         require(self.min_lr >= 0, "--train.min_lr", self.min_lr, "a learning rate >= 0")
         require(self.warmup_steps >= 0, "--train.warmup_steps", self.warmup_steps, "steps >= 0")
@@ -146,7 +148,7 @@ def setup(
     # before any work: a file in the way is the user's (never replaced), and final/ is not an input
     check_writable_directory(Path(out_dir) / "final", reads=[checkpoint_dir])
     if fast_dev_run:
-        train.epochs, train.max_steps = None, 4
+        train.epochs, train.max_steps, train.max_time = None, 4, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
     # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
     run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
@@ -160,8 +162,8 @@ def setup(
         logger.finalize("success")
 
 
-def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, precision, activation_checkpointing,
-         run_args):
+def main(fabric, *, checkpoint_dir: Path, data: DataArgs, train: TrainArgs, eval: EvalArgs, ckpt: CheckpointArgs,
+         out_dir: Path, resume: str | None, precision: str, activation_checkpointing: bool, run_args: dict) -> None:
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     world = fabric.world_size
@@ -176,7 +178,7 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, preci
     sampler = StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size, fabric.global_rank, world,
                           train.seed)
     limits = [s for s in (train.epochs and train.epochs * sampler.steps_per_epoch, train.max_steps) if s]
-    if not limits:  # the cosine schedule needs an end
+    if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
         raise InputError("set --train.epochs or --train.max_steps")
     max_steps = min(limits)
     prompt_ids = encode_prompt(eval.prompt, tokenizer, data.prompt_style)
@@ -203,25 +205,14 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, out_dir, resume, preci
     state = dict(step=0, tokens=0, train_time=0.0)
     resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
-        load_training_state(fabric, resume_dir, raw_model, optimizer, sampler, state)
+        load_training_state(fabric, resume_dir, raw_model=raw_model, optimizer=optimizer, sampler=sampler, state=state)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
-    fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, config, train, eval,
-        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args)
-
-    save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, sampler, state, config, checkpoint_dir,
-                        run_args, with_state=False)
-    fabric.print(f"final checkpoint: {out_dir / 'final'}")
-    if fabric.device.type == "cuda":
-        fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
-
-
-def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, config, train, eval,
-        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args):
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="finetune",
                     dynamic_ncols=True)
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    stop_signal = StopSignal(fabric)
     for step in range(state["step"] + 1, max_steps + 1):
         last_step = step == max_steps
         lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
@@ -263,11 +254,29 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
         metrics.log(row)
         fabric.log_dict({k: v for k, v in row.items() if v is not None and k != "sample"}, step=step)
 
-        if step % ckpt.interval == 0 or last_step:
-            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, sampler, state, config,
-                                checkpoint_dir, run_args, with_state=True)
+        out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
+        stop = stop_signal.requested()
+        if step % ckpt.interval == 0 or last_step or out_of_time or stop:
+            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model=raw_model, optimizer=optimizer,
+                                sampler=sampler, state=state, config=config, tokenizer_dir=checkpoint_dir,
+                                run_args=run_args, with_state=True)
             prune_checkpoints(fabric, out_dir, ckpt.keep_last)
+        if out_of_time:
+            fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
+            break
+        if stop:
+            progress.close()
+            fabric.print(f"SIGUSR1: stopped after step {step}, checkpoint {out_dir / f'step-{step:08d}'}; "
+                         "continue with --resume auto")
+            stop_signal.requeue()
+            return
     progress.close()
+
+    save_checkpoint_dir(fabric, out_dir / "final", raw_model=raw_model, optimizer=optimizer, sampler=sampler,
+                        state=state, config=config, tokenizer_dir=checkpoint_dir, run_args=run_args, with_state=False)
+    fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    if fabric.device.type == "cuda":
+        fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
 
 
 def step_loss(fabric, model, micro_batches: list[dict], aux_coef: float) -> tuple[float, float | None]:
@@ -343,20 +352,20 @@ def load_data(fabric, data: DataArgs, tokenizer: Tokenizer, block_size: int, see
     return train_set, val_set
 
 
-def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state, config, checkpoint_dir, run_args,
-                        with_state: bool) -> None:
+def save_checkpoint_dir(fabric, path: Path, *, raw_model, optimizer, sampler: StepSampler, state: dict, config: Config,
+                        tokenizer_dir: Path, run_args: dict, with_state: bool) -> None:
     """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
     model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
     rng = rng_states(fabric)  # a collective: every rank
     if fabric.global_rank == 0:
         train_state = dict(optimizer=optim_state, sampler=sampler.state_dict(), **rng, **state)
         metadata = dict(script=Path(__file__).name, step=state["step"], args=json.dumps(run_args, default=str))
-        save_checkpoint(path, config, model_state, checkpoint_dir, metadata=metadata,
+        save_checkpoint(path, config, model_state, tokenizer_dir, metadata=metadata,
                         train_state=train_state if with_state else None)
     fabric.barrier()
 
 
-def load_training_state(fabric, path: Path, raw_model, optimizer, sampler, state) -> None:
+def load_training_state(fabric, path: Path, *, raw_model, optimizer, sampler: StepSampler, state: dict) -> None:
     saved = load_train_state(path)
     weights = load_state_dict(path / "model.safetensors")
     check_state_dict(raw_model, weights, path / "model.safetensors")  # a checkpoint of another model config

@@ -13,7 +13,7 @@ out_dir/step-XXXXXXXX/ (lora.safetensors + lora_config.yaml naming the base + to
 --resume auto), out_dir/final/ and out_dir/metrics.csv, whose `sample` column holds what the model answered to
 --eval.prompt at each validation. Use the adapter with
     python generate.py --lora_dir out/finetune/lora/final --prompt "..."
-    python convert/merge_lora.py --lora_dir out/finetune/lora/final --out_dir checkpoints/my-merged-model
+    python -m convert.merge_lora --lora_dir out/finetune/lora/final --out_dir checkpoints/my-merged-model
 """
 
 import json
@@ -36,9 +36,9 @@ from generation import generate
 from model import Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
 from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
 from tokenizer import Tokenizer
-from training import (MetricsCSV, StepSampler, clip_gradients, find_resume_dir, gather_trainable_state, load_full_state,
-                      load_train_state, lr_at, make_loggers, make_optimizer, make_strategy, precision_args,
-                      prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
+from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_trainable_state,
+                      load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
+                      precision_args, prune_checkpoints, restore_rng_states, rng_states, seed_ranks)
 
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")  # quantize.MODES
@@ -66,7 +66,8 @@ class TrainArgs:
     global_batch_size: int = 16  # examples per optimizer step, all ranks together
     micro_batch_size: int = 4  # examples per forward pass on one rank
     epochs: int | None = 3  # passes over the training examples...
-    max_steps: int | None = None  # ...or optimizer steps (the lower wins)
+    max_steps: int | None = None  # ...or optimizer steps (the lower wins)...
+    max_time: float | None = None  # ...or seconds of training (checkpoint and stop)
     lr: float = 2e-4
     min_lr: float = 2e-5  # cosine decays to this
     warmup_steps: int = 10
@@ -79,6 +80,7 @@ class TrainArgs:
         for name in ("global_batch_size", "micro_batch_size", "epochs", "max_steps"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"--train.{name}", value, "a positive integer")
+        require(self.max_time is None or self.max_time > 0, "--train.max_time", self.max_time, "seconds > 0")
         require(self.lr > 0, "--train.lr", self.lr, "a positive learning rate")
         require(self.min_lr >= 0, "--train.min_lr", self.min_lr, "a learning rate >= 0")
         require(self.warmup_steps >= 0, "--train.warmup_steps", self.warmup_steps, "steps >= 0")
@@ -157,7 +159,7 @@ def setup(
     if quantize is not None and strategy == "fsdp":
         raise InputError("--quantize: FSDP cannot shard bitsandbytes layers; use --strategy ddp")
     if fast_dev_run:
-        train.epochs, train.max_steps = None, 4
+        train.epochs, train.max_steps, train.max_time = None, 4, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
     # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
     run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
@@ -171,8 +173,9 @@ def setup(
         logger.finalize("success")
 
 
-def main(fabric, checkpoint_dir, data, train, eval, ckpt, lora, quantize, out_dir, resume, precision,
-         activation_checkpointing, run_args):
+def main(fabric, *, checkpoint_dir: Path, data: DataArgs, train: TrainArgs, eval: EvalArgs, ckpt: CheckpointArgs,
+         lora: LoRAConfig, quantize: str | None, out_dir: Path, resume: str | None, precision: str,
+         activation_checkpointing: bool, run_args: dict) -> None:
     config = load_config(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     world = fabric.world_size
@@ -187,7 +190,7 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, lora, quantize, out_di
     sampler = StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size, fabric.global_rank, world,
                           train.seed)
     limits = [s for s in (train.epochs and train.epochs * sampler.steps_per_epoch, train.max_steps) if s]
-    if not limits:  # the cosine schedule needs an end
+    if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
         raise InputError("set --train.epochs or --train.max_steps")
     max_steps = min(limits)
     prompt_ids = encode_prompt(eval.prompt, tokenizer, data.prompt_style)
@@ -220,25 +223,14 @@ def main(fabric, checkpoint_dir, data, train, eval, ckpt, lora, quantize, out_di
     state = dict(step=0, tokens=0, train_time=0.0)
     resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
-        load_training_state(fabric, resume_dir, raw_model, optimizer, sampler, state)
+        load_training_state(fabric, resume_dir, raw_model=raw_model, optimizer=optimizer, sampler=sampler, state=state)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
-    fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, lora, train, eval,
-        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args)
-
-    save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, sampler, state, lora, checkpoint_dir,
-                        run_args, with_state=False)
-    fabric.print(f"final checkpoint: {out_dir / 'final'}")
-    if fabric.device.type == "cuda":
-        fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
-
-
-def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokenizer, prompt_ids, lora, train, eval,
-        ckpt, out_dir, checkpoint_dir, state, max_steps, metrics, run_args):
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="finetune",
                     dynamic_ncols=True)
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
+    stop_signal = StopSignal(fabric)
     for step in range(state["step"] + 1, max_steps + 1):
         last_step = step == max_steps
         lr = lr_at(step, train.lr, train.min_lr, train.warmup_steps, max_steps)
@@ -280,11 +272,29 @@ def fit(fabric, model, raw_model, optimizer, sampler, train_set, val_set, tokeni
         metrics.log(row)
         fabric.log_dict({k: v for k, v in row.items() if v is not None and k != "sample"}, step=step)
 
-        if step % ckpt.interval == 0 or last_step:
-            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, sampler, state, lora,
-                                checkpoint_dir, run_args, with_state=True)
+        out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
+        stop = stop_signal.requested()
+        if step % ckpt.interval == 0 or last_step or out_of_time or stop:
+            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model=raw_model, optimizer=optimizer,
+                                sampler=sampler, state=state, lora=lora, base_dir=checkpoint_dir,
+                                run_args=run_args, with_state=True)
             prune_checkpoints(fabric, out_dir, ckpt.keep_last)
+        if out_of_time:
+            fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
+            break
+        if stop:
+            progress.close()
+            fabric.print(f"SIGUSR1: stopped after step {step}, checkpoint {out_dir / f'step-{step:08d}'}; "
+                         "continue with --resume auto")
+            stop_signal.requeue()
+            return
     progress.close()
+
+    save_checkpoint_dir(fabric, out_dir / "final", raw_model=raw_model, optimizer=optimizer, sampler=sampler,
+                        state=state, lora=lora, base_dir=checkpoint_dir, run_args=run_args, with_state=False)
+    fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    if fabric.device.type == "cuda":
+        fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
 
 
 def step_loss(fabric, model, micro_batches: list[dict], aux_coef: float) -> tuple[float, float | None]:
@@ -360,8 +370,8 @@ def load_data(fabric, data: DataArgs, tokenizer: Tokenizer, block_size: int, see
     return train_set, val_set
 
 
-def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state, lora, checkpoint_dir, run_args,
-                        with_state: bool) -> None:
+def save_checkpoint_dir(fabric, path: Path, *, raw_model, optimizer, sampler: StepSampler, state: dict,
+                        lora: LoRAConfig, base_dir: Path, run_args: dict, with_state: bool) -> None:
     """An adapter directory (lora.safetensors + lora_config.yaml naming the base + tokenizer) that generate.py and
     convert/merge_lora.py read, plus state/ to resume. Only the adapter is gathered and saved, under FSDP too."""
     model_state, optim_state = gather_trainable_state(raw_model, optimizer, with_optimizer=with_state)
@@ -371,12 +381,12 @@ def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, sampler, state
     if fabric.global_rank == 0:
         train_state = dict(optimizer=optim_state, sampler=sampler.state_dict(), **rng, **state)
         metadata = dict(script=Path(__file__).name, step=state["step"], args=json.dumps(run_args, default=str))
-        save_lora(path, lora, model_state, checkpoint_dir, checkpoint_dir, metadata=metadata,
+        save_lora(path, lora, model_state, base_dir, tokenizer_dir=base_dir, metadata=metadata,
                   train_state=train_state if with_state else None)
     fabric.barrier()
 
 
-def load_training_state(fabric, path: Path, raw_model, optimizer, sampler, state) -> None:
+def load_training_state(fabric, path: Path, *, raw_model, optimizer, sampler: StepSampler, state: dict) -> None:
     saved = load_train_state(path)
     adapter = load_state_dict(path / LORA_WEIGHTS)
     check_state_dict(raw_model, adapter, path / LORA_WEIGHTS, lora=True)  # a step checkpoint of another --lora

@@ -1,6 +1,6 @@
 """Pretrain a GPT on litdata token chunks (from scratch, or continued from a converted checkpoint).
 
-    python data_prep/prepare_stdlib.py && python pretrain.py --config config_hub/stdlib.yaml   # 1 CPU, minutes
+    python -m data_prep.prepare_stdlib && python pretrain.py --config config_hub/stdlib.yaml   # 1 CPU, minutes
     python pretrain.py --config config_hub/tinyllama.yaml --devices 1                          # 1 GPU
     python pretrain.py --config config_hub/tinyllama.yaml --devices 8 --strategy fsdp          # 8 GPUs, FSDP2
     sbatch config_hub/slurm/pretrain.sbatch                                                    # N nodes
@@ -9,12 +9,13 @@ Every flag overrides the YAML (`--train.lr 1e-3`); `--print_config` shows the re
 out_dir/step-XXXXXXXX/ checkpoints (weights + state/ to resume), out_dir/final/, and out_dir/metrics.csv.
 """
 
+import json
 import math
 import sys
 import time
 from argparse import ArgumentError
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import lightning as L
@@ -161,20 +162,23 @@ def setup(
     if fast_dev_run:
         train.max_steps, train.max_tokens, train.max_time = 4, None, None
         eval.interval, eval.max_batches, checkpoint.interval = 2, 2, 4
+    # The resolved arguments, stored in every checkpoint's metadata so that it says how it was made
+    run_args = {k: asdict(v) if is_dataclass(v) else v for k, v in locals().items()}
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, **precision_args(precision),
                       strategy=make_strategy(strategy, devices, num_nodes), loggers=make_loggers(logger, out_dir))
     fabric.launch()
-    main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=out_dir,
+    main(fabric, model_args=model, data=data, train=train, eval=eval, ckpt=checkpoint, out_dir=Path(out_dir),
          tokenizer_dir=tokenizer_dir, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
          activation_checkpointing=activation_checkpointing, compile=compile, precision=precision,
-         peak_flops=peak_flops)
+         peak_flops=peak_flops, run_args=run_args)
     for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 
-def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, initial_checkpoint_dir, resume,
-         activation_checkpointing, compile, precision, peak_flops):
-    out_dir = Path(out_dir)
+def main(fabric, *, model_args: ModelArgs, data: DataArgs, train: TrainArgs, eval: EvalArgs, ckpt: CheckpointArgs,
+         out_dir: Path, tokenizer_dir: Path | None, initial_checkpoint_dir: Path | None, resume: str | None,
+         activation_checkpointing: bool, compile: bool, precision: str, peak_flops: float | None,
+         run_args: dict) -> None:
     if initial_checkpoint_dir is not None:
         config = load_config(initial_checkpoint_dir)
     else:
@@ -220,7 +224,8 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     state = dict(step=0, tokens=0, train_time=0.0)
     resume_dir = find_resume_dir(fabric, out_dir, resume)
     if resume_dir is not None:
-        load_training_state(fabric, resume_dir, raw_model, optimizer, train_loader, state, train.seed)
+        load_training_state(fabric, resume_dir, raw_model=raw_model, optimizer=optimizer, train_loader=train_loader,
+                            state=state, seed=train.seed)
         fabric.print(f"resumed from {resume_dir} at step {state['step']}")
 
     flops_per_token = flops_per_token_of(raw_model, config, config.block_size)
@@ -228,17 +233,6 @@ def main(fabric, model_args, data, train, eval, ckpt, out_dir, tokenizer_dir, in
     fabric.print(f"MFU against a peak of {peak / 1e12:,.3f} TFLOP/s per device ({source})" if peak
                  else f"no MFU: {source}")
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
-    finished = fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt,
-                   out_dir, tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics)
-    if not finished:
-        return
-    save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, train_loader, state, config, tokenizer_dir,
-                        with_state=False)
-    fabric.print(f"final checkpoint: {out_dir / 'final'}")
-
-
-def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, config, train, eval, ckpt, out_dir,
-        tokenizer_dir, state, max_steps, accum_steps, flops_per_token, peak, metrics):
     train_iter = batches_forever(train_loader)
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="pretrain",
                     dynamic_ncols=True)
@@ -295,8 +289,9 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
         out_of_time = train.max_time is not None and state["train_time"] >= train.max_time
         stop = stop_signal.requested()
         if step % ckpt.interval == 0 or last_step or out_of_time or stop:
-            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model, optimizer, train_loader, state,
-                                config, tokenizer_dir, with_state=True)
+            save_checkpoint_dir(fabric, out_dir / f"step-{step:08d}", raw_model=raw_model, optimizer=optimizer,
+                                train_loader=train_loader, state=state, config=config, tokenizer_dir=tokenizer_dir,
+                                run_args=run_args, with_state=True)
             prune_checkpoints(fabric, out_dir, ckpt.keep_last)
         if out_of_time:
             fabric.print(f"--train.max_time {train.max_time}s reached at step {step}")
@@ -306,14 +301,17 @@ def fit(fabric, model, forward, raw_model, optimizer, train_loader, val_loader, 
             fabric.print(f"SIGUSR1: stopped after step {step}, checkpoint {out_dir / f'step-{step:08d}'}; "
                          "continue with --resume auto")
             stop_signal.requeue()
-            return False
+            return
     progress.close()
-    return True
+
+    save_checkpoint_dir(fabric, out_dir / "final", raw_model=raw_model, optimizer=optimizer, train_loader=train_loader,
+                        state=state, config=config, tokenizer_dir=tokenizer_dir, run_args=run_args, with_state=False)
+    fabric.print(f"final checkpoint: {out_dir / 'final'}")
 
 
 def batches_forever(loader):
-    # Each pass over a StreamingDataLoader is one epoch (reshuffled by epoch number). After load_state_dict
-    # the first pass continues the interrupted epoch where it stopped, so resume never replays batches.
+    # Each pass over a loader is one epoch (reshuffled by epoch number). After load_state_dict the first pass
+    # continues the interrupted epoch where it stopped, so resume never replays batches.
     while True:
         yield from loader
 
@@ -357,19 +355,21 @@ def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, 
     return train_loader, val_loader
 
 
-def save_checkpoint_dir(fabric, path: Path, raw_model, optimizer, train_loader, state, config, tokenizer_dir,
-                        with_state: bool) -> None:
+def save_checkpoint_dir(fabric, path: Path, *, raw_model, optimizer, train_loader, state: dict, config: Config,
+                        tokenizer_dir: Path | None, run_args: dict, with_state: bool) -> None:
     """A checkpoint directory (full weights + config + tokenizer) that every script reads, plus state/ to resume."""
     model_state, optim_state = gather_full_state(raw_model, optimizer, with_optimizer=with_state)
     loader_state = train_loader.state_dict() if with_state else None
     rng = rng_states(fabric)  # a collective: every rank
     if fabric.global_rank == 0:
         train_state = dict(optimizer=optim_state, train_loader=loader_state, **rng, **state)
-        save_checkpoint(path, config, model_state, tokenizer_dir, train_state=train_state if with_state else None)
+        metadata = dict(script=Path(__file__).name, step=state["step"], args=json.dumps(run_args, default=str))
+        save_checkpoint(path, config, model_state, tokenizer_dir, metadata=metadata,
+                        train_state=train_state if with_state else None)
     fabric.barrier()
 
 
-def load_training_state(fabric, path: Path, raw_model, optimizer, train_loader, state, seed: int) -> None:
+def load_training_state(fabric, path: Path, *, raw_model, optimizer, train_loader, state: dict, seed: int) -> None:
     saved = load_train_state(path)
     weights = load_state_dict(path / "model.safetensors")
     check_state_dict(raw_model, weights, path / "model.safetensors")  # a checkpoint of another model config

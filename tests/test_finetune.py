@@ -1,12 +1,13 @@
 """finetune_full.py and finetune_lora.py: the loss normalisation of a step, a few steps of each script end to end on
-a tiny checkpoint (in subprocesses, as a user runs them), exact resume, QLoRA, the adapter through merge_lora.py and
-generate.py, one-line errors, and a real LoRA run on SmolLM2-135M-Instruct that teaches it a made-up fact."""
+a tiny checkpoint (in a subprocess, as a user runs them), exact resume (in this process, no interpreter start), stopping
+on SIGUSR1 and --train.max_time, QLoRA, the adapter through merge_lora.py and generate.py, one-line errors, and a real
+LoRA run on SmolLM2-135M-Instruct that teaches it a made-up fact."""
 
 import csv
-import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,12 +86,27 @@ def command(script: str, tiny: Path, out_dir: Path, *extra: str) -> list[str]:
 # Tiny models: one thread. A second one only adds synchronisation, and on a loaded 2-core machine it made each
 # step about 100x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SCRIPTS = {"finetune_full.py": finetune_full, "finetune_lora.py": finetune_lora}
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_in_process(script: str, tiny: Path, out_dir: Path, *extra: str) -> None:
+    """A script's command line run in this process (no interpreter start), on one thread as ENV gives the subprocess
+    runs, so that its numbers can be compared bitwise with theirs."""
+    from jsonargparse import CLI
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        CLI(SCRIPTS[script].setup, args=flags(script, tiny, out_dir, *extra), exit_on_error=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -172,12 +188,6 @@ def test_step_loss_adds_an_moe_models_load_balancing_loss():
     torch.testing.assert_close(router_aux - router_plain, grad, rtol=1e-4, atol=1e-7)
 
 
-def test_shared_helpers_are_identical_copies():
-    """The two scripts are siblings (STYLE 5): what is not about LoRA must stay the same in both."""
-    for name in ("DataArgs", "EvalArgs", "CheckpointArgs", "step_loss", "validate", "generate_sample", "load_data"):
-        assert inspect.getsource(getattr(finetune_full, name)) == inspect.getsource(getattr(finetune_lora, name)), name
-
-
 # ---- full finetuning ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -214,14 +224,14 @@ def test_full_run_learns_and_writes_a_checkpoint_every_script_reads(tiny, full_r
     assert result.stdout.startswith("What colour")
 
 
-def test_full_resume_is_exact(tiny, full_run, tmp_path):
+def test_full_resume_is_exact(tiny, full_run, tmp_path, capsys):
     """Resumed from step 3 (inside the first epoch), across the epoch boundary after step 4."""
     out = tmp_path / "run"
     shutil.copytree(full_run, out)
     for name in ("step-00000006", "step-00000008", "final"):
         shutil.rmtree(out / name)
-    result = run(command("finetune_full.py", tiny, out, "--resume", "auto"))
-    assert "resumed from" in result.stdout + result.stderr
+    run_in_process("finetune_full.py", tiny, out, "--resume", "auto")
+    assert "resumed from" in capsys.readouterr().out
     assert columns(out) == columns(full_run)  # bitwise on the CPU: the same floats, printed the same
 
 
@@ -267,7 +277,7 @@ def test_lora_resume_is_exact(tiny, lora_run, tmp_path):
     shutil.copytree(lora_run, out)
     for name in ("step-00000006", "step-00000008", "final"):
         shutil.rmtree(out / name)
-    run(command("finetune_lora.py", tiny, out, *LORA_ARGS, "--resume", "auto"))
+    run_in_process("finetune_lora.py", tiny, out, *LORA_ARGS, "--resume", "auto")
     assert columns(out) == columns(lora_run)
     with safe_open(out / "final" / "lora.safetensors", "pt") as a, \
             safe_open(lora_run / "final" / "lora.safetensors", "pt") as b:
@@ -275,7 +285,7 @@ def test_lora_resume_is_exact(tiny, lora_run, tmp_path):
 
 
 def test_merged_adapter_gives_the_unmerged_logits(tiny, lora_run, tmp_path):
-    run([sys.executable, "convert/merge_lora.py", "--lora_dir", str(lora_run / "final"), "--out_dir",
+    run([sys.executable, "-m", "convert.merge_lora", "--lora_dir", str(lora_run / "final"), "--out_dir",
          str(tmp_path / "merged")])
     idx = torch.tensor([encode_prompt("What colour is Bob's hat?", Tokenizer(tmp_path / "merged"))])
     unmerged, _ = load_lora_model(lora_run / "final")
@@ -286,10 +296,10 @@ def test_merged_adapter_gives_the_unmerged_logits(tiny, lora_run, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_qlora_nf4_trains_on_the_cpu_in_fast_dev_run(tiny, tmp_path):
+def test_qlora_nf4_trains_on_the_cpu_in_fast_dev_run(tiny, tmp_path, capsys):
     out = tmp_path / "qlora"
-    result = run(command("finetune_lora.py", tiny, out, "--quantize", "bnb.nf4", "--fast_dev_run", "true"))
-    assert "bnb.nf4" in result.stdout
+    run_in_process("finetune_lora.py", tiny, out, "--quantize", "bnb.nf4", "--fast_dev_run", "true")
+    assert "bnb.nf4" in capsys.readouterr().out
     rows = read_metrics(out)  # fast_dev_run: 4 steps, validation every 2, a checkpoint at 4
     assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
     assert (out / "step-00000004" / "state" / "train_state.pt").is_file()
@@ -297,6 +307,59 @@ def test_qlora_nf4_trains_on_the_cpu_in_fast_dev_run(tiny, tmp_path):
     assert losses[-1] < losses[0], losses
     model, _ = load_lora_model(out / "final", quantize="bnb.nf4")
     assert type(model.layers[0].attn.q_proj.base).__name__ == "Linear4bit"
+
+
+# ---- stopping and resuming -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, capsys, request, script):
+    """As pretrain's (tests/test_pretrain.py), in this process: SIGUSR1, SLURM's warning before the time limit, arrives
+    during step 4 (raised from that step's learning-rate lookup). The run checkpoints after the step, requeues the
+    job through scontrol and returns without a final/; --resume auto then finishes it with the numbers of the
+    uninterrupted run (the module's full_run or lora_run: LoRA dropout, so the restored RNG matters too)."""
+    reference = request.getfixturevalue("lora_run" if script == "finetune_lora.py" else "full_run")
+    extra = LORA_ARGS if script == "finetune_lora.py" else []
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lr_at = SCRIPTS[script].lr_at
+
+    def lr_at_signalling(step: int, *args) -> float:
+        if step == 4:
+            signal.raise_signal(signal.SIGUSR1)
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(SCRIPTS[script], "lr_at", lr_at_signalling)
+    handler = signal.getsignal(signal.SIGUSR1)
+    out = tmp_path / "run"
+    try:
+        run_in_process(script, tiny, out, *extra)
+    finally:
+        signal.signal(signal.SIGUSR1, handler)  # the run's handler refers to its Fabric
+    assert f"SIGUSR1: stopped after step 4, checkpoint {out / 'step-00000004'}" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)][-1] == "4"
+    assert (out / "step-00000004" / "state" / "train_state.pt").is_file() and not (out / "final").exists()
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    monkeypatch.undo()
+    run_in_process(script, tiny, out, *extra, "--resume", "auto")
+    assert columns(out) == columns(reference)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_max_time_checkpoints_stops_and_resumes(tiny, tmp_path, capsys, request, script):
+    """--train.max_time: a checkpoint after the step that crosses it, then the run stops (with a final/, as pretrain's);
+    resumed without the limit, it reaches the uninterrupted run's numbers."""
+    reference = request.getfixturevalue("lora_run" if script == "finetune_lora.py" else "full_run")
+    extra = LORA_ARGS if script == "finetune_lora.py" else []
+    out = tmp_path / "run"
+    run_in_process(script, tiny, out, *extra, "--train.max_time", "1e-6")
+    assert "--train.max_time 1e-06s reached at step 1" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == ["1"]
+    assert (out / "step-00000001" / "state" / "train_state.pt").is_file()
+    run_in_process(script, tiny, out, *extra, "--resume", "auto")
+    assert columns(out) == columns(reference)
 
 
 @pytest.mark.slow
@@ -323,19 +386,30 @@ def test_two_processes_match_one(tiny, tmp_path, script, strategy):
 def cli_error(script: str, tiny: Path, out_dir: Path, *extra: str) -> str:
     """The error a script's command line stops with, run in this process: what its __main__ prints after 'error: '."""
     from jsonargparse import CLI
-    module = {"finetune_full.py": finetune_full, "finetune_lora.py": finetune_lora}[script]
     with pytest.raises(InputError) as e:
-        CLI(module.setup, args=flags(script, tiny, out_dir, *extra), exit_on_error=False)
+        CLI(SCRIPTS[script].setup, args=flags(script, tiny, out_dir, *extra), exit_on_error=False)
     assert "\n" not in str(e.value)
     return str(e.value)
 
 
-def test_bad_input_is_one_line(tiny, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(chat_records()[0]) + "\n" + '{"messages": [}\n')
-    # In a subprocess once: the __main__ handler prints the one line, no traceback
+def bad_jsonl(tmp_path: Path) -> Path:
+    """A JSONL file whose second line is not JSON."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(chat_records()[0]) + "\n" + '{"messages": [}\n')
+    return path
+
+
+@pytest.mark.slow  # a script start; the in-process test below has the same message
+def test_main_prints_one_error_line(tiny, tmp_path):
+    """The __main__ handler itself: one 'error:' line, no traceback."""
+    bad = bad_jsonl(tmp_path)
     message = error_of(command("finetune_full.py", tiny, tmp_path / "o1", "--data.train_files", str(bad)))
     assert message.startswith("error: ") and f"{bad}:2" in message
+
+
+def test_bad_input_is_one_line(tiny, tmp_path):
+    bad = bad_jsonl(tmp_path)
+    assert f"{bad}:2" in cli_error("finetune_full.py", tiny, tmp_path / "o1", "--data.train_files", str(bad))
     nowhere = str(tmp_path / "nowhere")
     assert nowhere in cli_error("finetune_lora.py", tiny, tmp_path / "o2", "--checkpoint_dir", nowhere)
     assert "bnb.nf5" in cli_error("finetune_lora.py", tiny, tmp_path / "o3", "--quantize", "bnb.nf5")

@@ -1,4 +1,5 @@
-"""data_prep and pretrain.py end to end on a tiny corpus, in subprocesses as a user runs them."""
+"""data_prep and pretrain.py end to end on a tiny corpus: the reference run and what needs a process of its own (a
+kill, a signal, several ranks) in subprocesses as a user runs them, the rest in this process (no interpreter start)."""
 
 import csv
 import json
@@ -8,15 +9,20 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import ArgumentError
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from jsonargparse import CLI
+from safetensors import safe_open
 
+import pretrain
 from checkpoint import load_model
 from conftest import ROOT
 from data_prep import prepare_text, train_tokenizer
+from model import InputError
 from tokenizer import Tokenizer
 
 VOCAB = 320  # the tiny tokenizer's size: 256 byte symbols, 2 specials and a few merges
@@ -44,7 +50,11 @@ def tiny_data(tmp_path_factory):
 
 
 def pretrain_cmd(data: Path, out_dir: Path, *extra: str, steps: int = 36) -> list[str]:
-    return [sys.executable, "pretrain.py", "--model.name", "tiny-test",
+    return [sys.executable, "pretrain.py", *pretrain_args(data, out_dir, *extra, steps=steps)]
+
+
+def pretrain_args(data: Path, out_dir: Path, *extra: str, steps: int = 36) -> list[str]:
+    return ["--model.name", "tiny-test",
             "--model.overrides", json.dumps(dict(vocab_size=VOCAB, block_size=32)),
             "--data.train_dirs", json.dumps([str(data / "chunks" / "train")]),
             "--data.val_dir", str(data / "chunks" / "val"), "--data.num_workers", "1",
@@ -55,10 +65,36 @@ def pretrain_cmd(data: Path, out_dir: Path, *extra: str, steps: int = 36) -> lis
             "--checkpoint.keep_last", "5", *extra]
 
 
+# Tiny models: one thread, in subprocesses and in this process alike (so that their numbers compare bitwise). A second
+# one only adds synchronisation, and on a loaded 2-core machine it made steps many times slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(cmd, **kwargs):
+    kwargs.setdefault("env", ENV)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_in_process(data: Path, out_dir: Path, *extra: str, steps: int = 36) -> None:
+    """pretrain.py's command line in this process: its numbers are those of a subprocess run (one thread, as ENV
+    gives them, and the same seeds), compared bitwise with straight_run's below."""
+    handler, threads = signal.getsignal(signal.SIGUSR1), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        CLI(pretrain.setup, args=pretrain_args(data, out_dir, *extra, steps=steps), exit_on_error=False)
+    finally:
+        signal.signal(signal.SIGUSR1, handler)  # the run's handler refers to its Fabric
+        torch.set_num_threads(threads)
+
+
+def cli_error(args: list[str], entry=pretrain.setup) -> str:
+    """The error a command line stops with, run in this process: what its __main__ prints after 'error: '."""
+    with pytest.raises((InputError, ArgumentError)) as e:
+        CLI(entry, args=args, exit_on_error=False)
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -69,7 +105,7 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def test_chunks_read_back_equal_the_tokenized_documents(tiny_data):
     from litdata import StreamingDataset, TokensLoader
     tokenizer = Tokenizer(tiny_data / "tokenizer")
-    documents = prepare_text.count(tiny_data / "chunks" / "train")[0] + prepare_text.count(tiny_data / "chunks" / "val")[0]
+    documents = sum(prepare_text.count(tiny_data / "chunks" / split)[0] for split in ("train", "val"))
     assert documents == 12  # the latin-1 file was skipped
     stream = torch.cat([StreamingDataset(str(tiny_data / "chunks" / split), item_loader=TokensLoader(block_size=1))[i]
                         for split in ("train", "val")
@@ -112,7 +148,7 @@ def test_prepare_text_reads_each_format(tmp_path, tiny_data, suffix):
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_data):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong field"}\n')
-    result = subprocess.run([sys.executable, "data_prep/prepare_text.py", "--inputs", str(tmp_path / "bad.jsonl"),
+    result = subprocess.run([sys.executable, "-m", "data_prep.prepare_text", "--inputs", str(tmp_path / "bad.jsonl"),
                              "--tokenizer_dir", str(tiny_data / "tokenizer"), "--out_dir", str(tmp_path / "out"),
                              "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0
@@ -144,11 +180,14 @@ def test_pretrain_writes_metrics_checkpoints_and_a_final_model(straight_run):
     assert "embed.weight" in {name for g in groups if g["weight_decay"] == 0 for name in g["params"]}
     model = load_model(straight_run / "final")  # the final directory is a checkpoint every script reads
     assert model.config.vocab_size == VOCAB
+    with safe_open(straight_run / "step-00000036" / "model.safetensors", "pt") as f:  # it says how it was made
+        args = json.loads(f.metadata()["args"])
+    assert args["train"]["max_steps"] == 36 and args["model"]["name"] == "tiny-test"
     assert (straight_run / "final" / "tokenizer.json").is_file()
 
 
 def test_continued_pretraining_starts_from_the_checkpoint(tiny_data, straight_run, tmp_path):
-    run(pretrain_cmd(tiny_data, tmp_path / "run", "--initial_checkpoint_dir", str(straight_run / "final"), steps=2))
+    run_in_process(tiny_data, tmp_path / "run", "--initial_checkpoint_dir", str(straight_run / "final"), steps=2)
     first = float(read_metrics(tmp_path / "run")[0]["train_loss"])
     assert first < float(read_metrics(straight_run)[0]["train_loss"]) - 2.0  # far below a fresh model's ln(320)
 
@@ -156,34 +195,33 @@ def test_continued_pretraining_starts_from_the_checkpoint(tiny_data, straight_ru
 def test_mixture_activation_checkpointing_and_max_time(tiny_data, straight_run, tmp_path):
     train = str(tiny_data / "chunks" / "train")
     # two weighted sources (here the same chunks twice: the mixture path, not its statistics, is under test)
-    mixture = pretrain_cmd(tiny_data, tmp_path / "mix", "--data.train_dirs", json.dumps([train, train]),
-                           "--data.weights", "[0.7, 0.3]", steps=3)
-    run(mixture)
+    run_in_process(tiny_data, tmp_path / "mix", "--data.train_dirs", json.dumps([train, train]),
+                   "--data.weights", "[0.7, 0.3]", steps=3)
     assert len(read_metrics(tmp_path / "mix")) == 3
     # recomputing activations in the backward pass changes memory, not numbers
-    run(pretrain_cmd(tiny_data, tmp_path / "ac", "--activation_checkpointing", "true", steps=36))
+    run_in_process(tiny_data, tmp_path / "ac", "--activation_checkpointing", "true", steps=36)
     assert losses(tmp_path / "ac") == losses(straight_run)
     # max_time: checkpoint and stop after the step that crosses it
-    run(pretrain_cmd(tiny_data, tmp_path / "timed", "--train.max_time", "0.000001"))
+    run_in_process(tiny_data, tmp_path / "timed", "--train.max_time", "0.000001")
     assert len(read_metrics(tmp_path / "timed")) == 1
     assert (tmp_path / "timed" / "step-00000001" / "state" / "train_state.pt").is_file()
 
 
 def test_loss_falls_on_a_tiny_repeated_set(tiny_data, tmp_path):
-    run(pretrain_cmd(tiny_data, tmp_path / "run", steps=40))  # past one epoch (27 steps)
+    run_in_process(tiny_data, tmp_path / "run", steps=40)  # past one epoch (27 steps)
     losses = [float(r["train_loss"]) for r in read_metrics(tmp_path / "run")]
     # ln(320) = 5.77 at init; 40 steps on 12 near-identical files must take well over a nat off
     assert losses[0] > 5.0 and max(losses[-5:]) < losses[0] - 2.0
 
 
-def test_resume_is_exact(tiny_data, straight_run, tmp_path):
+def test_resume_is_exact(tiny_data, straight_run, tmp_path, capsys):
     """Resumes from step 30, inside the second epoch (the train split holds 27 steps of samples)."""
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
     shutil.rmtree(out / "step-00000036")
     shutil.rmtree(out / "final")
-    result = run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
-    assert "resumed from" in result.stdout + result.stderr
+    run_in_process(tiny_data, out, "--resume", "auto")
+    assert "resumed from" in capsys.readouterr().out
     assert losses(out) == losses(straight_run)  # bitwise on CPU: the same floats, printed the same
 
 
@@ -191,7 +229,7 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_data, straight_run, tmp_pat
     """Killed after step 10, resumed across the epoch boundary at step 27."""
     out = tmp_path / "run"
     process = subprocess.Popen(pretrain_cmd(tiny_data, out), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 300  # generous: a loaded 2-core machine starts Python slowly
     while not (out / "step-00000010" / "state" / "train_state.pt").is_file():
         assert time.time() < deadline and process.poll() is None, "the run never reached its first checkpoint"
@@ -200,7 +238,7 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_data, straight_run, tmp_pat
     process.wait()
     # a checkpoint that a kill interrupted mid-write keeps its temporary name and is never resumed from
     (out / ".step-00000020.tmp-killed").mkdir(exist_ok=True)
-    run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
+    run_in_process(tiny_data, out, "--resume", "auto")
     assert losses(out) == losses(straight_run)
     assert (out / "final" / "model.safetensors").is_file()
 
@@ -213,7 +251,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tiny_data, straight_run, tmp_p
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
     (fake_bin / "scontrol").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    env = dict(ENV, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
     out = tmp_path / "run"
     with open(tmp_path / "log.txt", "w") as log:
         process = subprocess.Popen(pretrain_cmd(tiny_data, out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -230,15 +268,19 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tiny_data, straight_run, tmp_p
     assert (out / f"step-{stopped_at:08d}" / "state" / "train_state.pt").is_file()
     assert not (out / "final").exists()
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
-    run(pretrain_cmd(tiny_data, out, "--resume", "auto"))
+    run_in_process(tiny_data, out, "--resume", "auto")
     assert losses(out) == losses(straight_run)
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
-def test_tensorboard_and_wandb_receive_the_metrics(tiny_data, tmp_path, logger):
+def test_tensorboard_and_wandb_receive_the_metrics(tiny_data, tmp_path, monkeypatch, logger):
     out = tmp_path / "run"
-    run(pretrain_cmd(tiny_data, out, "--logger", logger, steps=3),
-        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_in_process(tiny_data, out, "--logger", logger, steps=3)
+    if logger == "wandb":
+        import wandb
+        wandb.finish()  # what the end of a script's process does: the offline run's log is complete
     if logger == "tensorboard":
         expected = [float(r["train_loss"]) for r in read_metrics(out)]
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -391,52 +433,46 @@ class partial_identity:
         yield self.block
 
 
-def error_of(cmd) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[-1]
-
-
 def test_bad_input_is_one_line(tiny_data, tmp_path):
+    """In this process; tests/test_bad_input.py runs pretrain.py's __main__ once to see it print the one line."""
     (tmp_path / "empty").mkdir()
-    assert "no input files" in error_of([sys.executable, "data_prep/prepare_text.py", "--inputs",
-                                         str(tmp_path / "empty"), "--tokenizer_dir", str(tiny_data / "tokenizer"),
-                                         "--out_dir", str(tmp_path / "out")])
+    assert "no input files" in cli_error(["--inputs", str(tmp_path / "empty"), "--tokenizer_dir",
+                                          str(tiny_data / "tokenizer"), "--out_dir", str(tmp_path / "out")],
+                                         entry=prepare_text.main)
     missing = [a.replace(str(tiny_data / "chunks" / "train"), str(tmp_path / "nowhere"))
-               for a in pretrain_cmd(tiny_data, tmp_path / "o1")]
-    assert str(tmp_path / "nowhere") in error_of(missing)
-    (tmp_path / "bad.yaml").write_text("trian:\n  lr: 0.1\n")
-    assert "trian" in error_of(pretrain_cmd(tiny_data, tmp_path / "o2", "--config", str(tmp_path / "bad.yaml")))
-    too_long = pretrain_cmd(tiny_data, tmp_path / "o3", "--model.overrides",
-                            json.dumps(dict(vocab_size=VOCAB, block_size=100000)))
-    assert "block_size" in error_of(too_long)
-    small_vocab = pretrain_cmd(tiny_data, tmp_path / "o4", "--model.overrides", json.dumps(dict(vocab_size=100)))
-    assert "vocab_size" in error_of(small_vocab)
+               for a in pretrain_args(tiny_data, tmp_path / "o1")]
+    assert str(tmp_path / "nowhere") in cli_error(missing)
+    (tmp_path / "bad.yaml").write_text("trian:\n  lr: 0.1\n")  # a misspelt section: jsonargparse's ArgumentError
+    assert "trian" in cli_error(pretrain_args(tiny_data, tmp_path / "o2", "--config", str(tmp_path / "bad.yaml")))
+    too_long = pretrain_args(tiny_data, tmp_path / "o3", "--model.overrides",
+                             json.dumps(dict(vocab_size=VOCAB, block_size=100000)))
+    assert "block_size" in cli_error(too_long)
+    small_vocab = pretrain_args(tiny_data, tmp_path / "o4", "--model.overrides", json.dumps(dict(vocab_size=100)))
+    assert "vocab_size" in cli_error(small_vocab)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     # lr 1e30 (no warmup, no clipping): Adam moves every weight by ~1e30 at step 1, so step 2's loss is not finite
-    cmd = pretrain_cmd(tiny_data, tmp_path / "run", "--train.lr", "1e30", "--train.min_lr", "1e30",
-                       "--train.warmup_steps", "0", "--train.grad_clip", "null", "--checkpoint.interval", "1")
-    message = error_of(cmd)
+    message = cli_error(pretrain_args(tiny_data, tmp_path / "run", "--train.lr", "1e30", "--train.min_lr", "1e30",
+                                      "--train.warmup_steps", "0", "--train.grad_clip", "null",
+                                      "--checkpoint.interval", "1"))
     assert "loss is" in message and "at step 2" in message
     assert (tmp_path / "run" / "step-00000001" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "step-00000002").exists()
 
 
-# pretrain's recipes; finetune_*.yaml and distill_*.yaml are parsed by their scripts' tests
+# pretrain's recipes; finetune_*.yaml, distill_*.yaml and align_*.yaml are parsed by their scripts' tests
 PRETRAIN_CONFIGS = [p for p in sorted((ROOT / "config_hub").glob("*.yaml"))
-                    if not p.name.startswith(("finetune_", "distill_"))]
+                    if not p.name.startswith(("finetune_", "distill_", "align_"))]
 
 
 @pytest.mark.parametrize("config", PRETRAIN_CONFIGS, ids=lambda p: p.name)
-def test_config_hub_yaml_parses(config):
-    result = subprocess.run([sys.executable, "pretrain.py", "--config", str(config), "--print_config"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["model"]["name"] == yaml.safe_load(config.read_text())["model"]["name"]
+def test_config_hub_yaml_parses(config, capsys):
+    with pytest.raises(SystemExit) as e:  # --print_config prints and exits
+        CLI(pretrain.setup, args=["--config", str(config), "--print_config"], exit_on_error=False)
+    assert not e.value.code
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["model"]["name"] == yaml.safe_load(config.read_text())["model"]["name"]
 
 
 def losses(out: Path) -> list[str]:
