@@ -365,11 +365,14 @@ def main(fabric, checkpoint_dir, data, loss, train, eval, ckpt, lora, quantize, 
     raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
     optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train.lr, train.weight_decay, train.betas,
                                                        fabric.device))
-    # the reference's log-probs of a batch: (policy model, reference model) -> (2B,) or (B,) sums and token counts
+    # batch -> the reference's summed log-probs of its rows, and their token counts: a frozen copy's forward pass, or
+    # the policy's own with its adapter switched off
     score_reference = None
     if needs_reference:
-        score_reference = ((lambda batch: sequence_logps(fabric, reference_model, batch)) if reference == "copy" else
-                           (lambda batch: reference_logps_of_base(fabric, raw_model, batch)))
+        if reference == "copy":
+            score_reference = lambda batch: reference_logps_of_copy(fabric, reference_model, batch)  # noqa: E731
+        else:
+            score_reference = lambda batch: reference_logps_of_base(fabric, raw_model, batch)  # noqa: E731
     precomputed = None
     if needs_reference and precompute_reference:
         precomputed = load_or_compute_reference(fabric, out_dir / "reference_logps.safetensors", score_reference,
@@ -488,6 +491,11 @@ def sequence_logps(fabric, model, batch: dict) -> tuple[torch.Tensor, torch.Tens
     with fabric.autocast():
         token_logps = model(x, targets=y, per_token=True)  # (rows, T), 0 where the target is IGNORE_INDEX
     return token_logps.sum(-1), (y != IGNORE_INDEX).sum(-1)
+
+
+@torch.no_grad()
+def reference_logps_of_copy(fabric, reference_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return sequence_logps(fabric, reference_model, batch)
 
 
 @torch.no_grad()

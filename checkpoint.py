@@ -77,7 +77,7 @@ def read_chunk_index(chunk_dir: str | Path) -> dict:
     path = Path(chunk_dir) / "index.json"
     if not path.is_file():
         raise InputError(f"{chunk_dir}: no litdata chunks here (index.json missing); prepare the data first, "
-                         "e.g. python data_prep/prepare_stdlib.py")
+                         "e.g. python -m data_prep.prepare_stdlib")
     index = read_json(path)
     if not isinstance(index, dict) or "chunks" not in index:
         raise InputError(f"{path}: not a litdata index (no chunks); prepare it again")

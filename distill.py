@@ -6,7 +6,7 @@
         --precision bf16-true --devices 1                                                          # 1 GPU
     python distill.py ... --teacher_quantize bnb.nf4                                               # teacher in 4 bits
     python distill.py ... --devices 8 --strategy fsdp                # 8 GPUs: teacher and student sharded by FSDP2
-    python data_prep/teacher_topk.py --teacher_dir T --data.train_dirs '[data/smol/train]' --topk 64 --out_dir D
+    python -m data_prep.teacher_topk --teacher_dir T --data.train_dirs '[data/smol/train]' --topk 64 --out_dir D
     python distill.py ... --teacher_topk_dir D          # the teacher run once, above: training reads its top-64 logits
     python distill.py ... --data.format sft --data.train_files data/alpaca.jsonl --lora.r 16  # chat data, LoRA student
     sbatch config_hub/slurm/pretrain.sbatch  (with this script and config in its srun line)      # N nodes
@@ -732,7 +732,7 @@ def open_teacher_topk(topk_dir: Path, teacher_dir: Path, data: DataArgs, config:
         path = topk_dir / f"train-{i}"
         if not (path / "meta.json").is_file():
             raise InputError(f"{path}/meta.json: not found; build the teacher's top-K logits of {source} with "
-                             "python data_prep/teacher_topk.py and this run's --data flags")
+                             "python -m data_prep.teacher_topk and this run's --data flags")
         built, _ = read_json(path / "meta.json"), read_chunk_index(path)  # corrupt files: one line naming them
         if not isinstance(built, dict):
             raise InputError(f"{path}/meta.json: not a teacher cache's meta.json; build it again")

@@ -7,9 +7,10 @@ Records (a JSON list of them or JSON lines, as sft_data.py reads):
     unpaired    {"prompt": ..., "completion": ..., "label": true | false}
 where a prompt is a string (one user turn) or a list of chat messages, and a completion a string (one assistant turn),
 an assistant message, or a list of assistant messages. Pairs may also come without a prompt, as whole conversations
-(TRL's implicit-prompt form, e.g. UltraFeedback-binarized): the messages both start with are the prompt. They are rendered as sft_data.py renders a conversation: with
-the tokenizer's chat template (the prompt with the generation prompt, then the completion up to and including its
-end-of-turn token), or in the Alpaca prompt for a base model (bos + prompt, then the response + eos).
+(TRL's implicit-prompt form, e.g. UltraFeedback-binarized): the messages both start with are the prompt.
+Rendered as sft_data.py renders a conversation: with the tokenizer's chat template (the prompt with the generation
+prompt, then the completion up to and including its end-of-turn token), or in the Alpaca prompt for a base model (bos
++ prompt, then the response + eos).
 
 Tokenised as TRL does: the rendered prompt and the rendered completion separately, then concatenated, so that the
 chosen and rejected sequences of a pair share their prompt tokens exactly. Log-probs cover the completion only. A

@@ -51,7 +51,7 @@ def main(steps: int = 150, teacher_dir: Path = Path("out/pretrain/stdlib/final")
     if smollm2:
         return smollm2_kd(steps if steps != 150 else 40, out_dir / "distill-smollm2", alpha, temperature)
     if not (ROOT / "data/stdlib/val/index.json").is_file():
-        run([sys.executable, "data_prep/prepare_stdlib.py"])
+        run([sys.executable, "-m", "data_prep.prepare_stdlib"])
     if not (ROOT / teacher_dir / "model.safetensors").is_file():
         run([sys.executable, "pretrain.py", "--config", "config_hub/stdlib.yaml", "--out_dir", str(teacher_dir.parent)])
     common = ["--config", "config_hub/distill_stdlib.yaml", "--teacher_dir", str(teacher_dir), "--train.max_steps",
@@ -89,7 +89,7 @@ def smollm2_kd(steps: int, run_dir: Path, alpha: float, temperature: float) -> N
     scratch, on the stdlib tokenised by SmolLM2's tokenizer. Prints the KD loss (forward KL per token) along the run."""
     if not (ROOT / SMOLLM2_DIR / "model.safetensors").is_file():
         sys.exit(f"{SMOLLM2_DIR} is missing: `python -m pytest tests/test_real_model.py` builds "
-                 ".cache/SmolLM2-135M-Instruct-hf, then `python convert/from_hf.py .cache/SmolLM2-135M-Instruct-hf "
+                 ".cache/SmolLM2-135M-Instruct-hf, then `python -m convert.from_hf .cache/SmolLM2-135M-Instruct-hf "
                  f"--out_dir {SMOLLM2_DIR}`")
     data = Path("data/stdlib-smollm2")
     if not (ROOT / data / "val" / "index.json").is_file():

@@ -80,13 +80,13 @@ def main() -> None:
     if args.baseline:
         return baseline(args)
     if not (args.tokenizer_dir / "tokenizer.json").is_file():
-        sys.exit(f"{args.tokenizer_dir}: no tokenizer.json (python data_prep/prepare_stdlib.py trains the default)")
+        sys.exit(f"{args.tokenizer_dir}: no tokenizer.json (python -m data_prep.prepare_stdlib trains the default)")
 
     rows = {"ours (prepare_text.py)": [], "litdata.optimize, encode per document, 1 worker": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.reps):  # alternating, so a change in the machine's load hits both
             rows["ours (prepare_text.py)"].append(measure(
-                [sys.executable, "data_prep/prepare_text.py", "--inputs", args.inputs, "--pattern", args.pattern,
+                [sys.executable, "-m", "data_prep.prepare_text", "--inputs", args.inputs, "--pattern", args.pattern,
                  "--exclude", str(EXCLUDE).replace("'", '"'), "--tokenizer_dir", str(args.tokenizer_dir),
                  "--out_dir", f"{tmp}/ours", "--workers", str(args.workers)]))
             rows["litdata.optimize, encode per document, 1 worker"].append(measure(

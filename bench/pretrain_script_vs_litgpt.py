@@ -44,14 +44,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if not (TOKENIZER / "tokenizer.json").is_file():
-        sys.exit(f"{TOKENIZER}: missing; python data_prep/prepare_stdlib.py trains it")
+        sys.exit(f"{TOKENIZER}: missing; python -m data_prep.prepare_stdlib trains it")
     corpus = build_corpus(WORK / "corpus")
     # unbuffered, so each progress line arrives when it is printed
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     window = (args.steps - 20, args.steps - 1)
 
     if not (WORK / "chunks" / "train" / "index.json").is_file():
-        run([sys.executable, "data_prep/prepare_text.py", "--inputs", str(corpus), "--tokenizer_dir", str(TOKENIZER),
+        run([sys.executable, "-m", "data_prep.prepare_text", "--inputs", str(corpus), "--tokenizer_dir", str(TOKENIZER),
              "--out_dir", str(WORK / "chunks"), "--val_fraction", "0"], env)
     shutil.rmtree(WORK / "ours", ignore_errors=True)
     _, arrivals = run([sys.executable, "pretrain.py", "--model.name", "pythia-14m", "--model.overrides",

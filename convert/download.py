@@ -1,8 +1,8 @@
 """Download a model from the Hugging Face Hub and convert it into our checkpoint directory.
 
-    python convert/download.py HuggingFaceTB/SmolLM2-135M-Instruct             # -> checkpoints/HuggingFaceTB/SmolLM2...
-    python convert/download.py meta-llama/Llama-3.2-1B --access_token hf_...   # gated: accept its terms first
-    python convert/download.py Qwen/Qwen2.5-0.5B --revision REV --dtype bfloat16 --checkpoint_dir /data/checkpoints
+    python -m convert.download HuggingFaceTB/SmolLM2-135M-Instruct             # -> checkpoints/HuggingFaceTB/SmolLM2...
+    python -m convert.download meta-llama/Llama-3.2-1B --access_token hf_...   # gated: accept its terms first
+    python -m convert.download Qwen/Qwen2.5-0.5B --revision REV --dtype bfloat16 --checkpoint_dir /data/checkpoints
 
 Fetches only config.json, the weights from_hf.py reads (model*.safetensors, or pytorch_model*.bin when the repo has
 no safetensors) and the tokenizer files into CHECKPOINT_DIR/hf/REPO_ID, then converts them into CHECKPOINT_DIR/REPO_ID.
@@ -13,9 +13,6 @@ Running it again fetches only what is missing or changed. Without --access_token
 import sys
 from argparse import ArgumentError
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx2  # huggingface_hub's HTTP client: its network errors reach us unwrapped
 from huggingface_hub import HfApi, snapshot_download

@@ -1,7 +1,7 @@
 """Convert a Hugging Face model directory into our checkpoint directory.
 
-    python convert/from_hf.py checkpoints/hf/HuggingFaceTB/SmolLM2-135M --out_dir checkpoints/HuggingFaceTB/SmolLM2-135M
-    python convert/from_hf.py HF_DIR --out_dir DIR --dtype bfloat16
+    python -m convert.from_hf checkpoints/hf/HuggingFaceTB/SmolLM2-135M --out_dir checkpoints/HuggingFaceTB/SmolLM2-135M
+    python -m convert.from_hf HF_DIR --out_dir DIR --dtype bfloat16
 
 Reads config.json and the weights as stored on disk: model.safetensors, sharded safetensors with their
 index, or pytorch_model*.bin (loaded with weights_only=True, so a pickle cannot run code). Copies the
@@ -12,9 +12,6 @@ import sys
 from argparse import ArgumentError
 from collections import defaultdict
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from jsonargparse import CLI

@@ -1,7 +1,7 @@
 """Fold a LoRA adapter into its base model, giving a plain checkpoint directory that every script reads.
 
-    python convert/merge_lora.py --lora_dir out/lora/final --out_dir checkpoints/my-model-merged
-    python convert/merge_lora.py --lora_dir out/lora/final --out_dir merged --base_dir checkpoints/SmolLM2-135M
+    python -m convert.merge_lora --lora_dir out/lora/final --out_dir checkpoints/my-model-merged
+    python -m convert.merge_lora --lora_dir out/lora/final --out_dir merged --base_dir checkpoints/SmolLM2-135M
 
 The base is the checkpoint named in the adapter's lora_config.yaml (base_checkpoint_dir) unless --base_dir names
 another. The merge is computed in float32 and written in the dtypes the base stores. An adapter trained on a quantised
@@ -12,9 +12,6 @@ Tokenizer files come from the adapter directory (a LoRA run copies them there), 
 import sys
 from argparse import ArgumentError
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 

@@ -4,7 +4,7 @@ every supported family, shrunk to a few layers and randomly initialised, it chec
   - the reloaded model gives the same logits,
   - prefill + one-token decoding through the KV cache gives the logits of the full forward.
 
-    python convert/selfcheck.py
+    python -m convert.selfcheck
 
 (The comparison against transformers itself is in tests/test_convert.py.)
 """
@@ -12,9 +12,6 @@ every supported family, shrunk to a few layers and randomly initialised, it chec
 import sys
 import tempfile
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from jsonargparse import CLI

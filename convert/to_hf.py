@@ -1,7 +1,7 @@
 """Convert our checkpoint directory back to a Hugging Face model directory that
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code.
 
-    python convert/to_hf.py out/pretrain/final --out_dir hf_export
+    python -m convert.to_hf out/pretrain/final --out_dir hf_export
 """
 
 import json
@@ -9,9 +9,6 @@ import sys
 from argparse import ArgumentError
 from collections import defaultdict
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 from safetensors.torch import save_file

@@ -2,7 +2,7 @@
 token chunks for config_hub/tinyllama.yaml.
 
     git clone https://huggingface.co/datasets/cerebras/SlimPajama-627B data/raw/SlimPajama-627B
-    python data_prep/prepare_slimpajama.py --input_dir data/raw/SlimPajama-627B --tokenizer_dir TOKENIZER_DIR
+    python -m data_prep.prepare_slimpajama --input_dir data/raw/SlimPajama-627B --tokenizer_dir TOKENIZER_DIR
 
 Like TinyLlama, drops SlimPajama's GitHub subset: StarCoder supplies the code of the mixture.
 """
@@ -11,9 +11,6 @@ import sys
 import time
 from argparse import ArgumentError
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 

@@ -2,16 +2,13 @@
 for config_hub/tinyllama.yaml.
 
     git clone https://huggingface.co/datasets/bigcode/starcoderdata data/raw/starcoderdata
-    python data_prep/prepare_starcoder.py --input_dir data/raw/starcoderdata --tokenizer_dir TOKENIZER_DIR
+    python -m data_prep.prepare_starcoder --input_dir data/raw/starcoderdata --tokenizer_dir TOKENIZER_DIR
 """
 
 import sys
 import time
 from argparse import ArgumentError
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 

@@ -1,16 +1,13 @@
 """The built-in corpus: the CPython standard library's own sources, on every machine with Python.
 Trains the default tokenizer on it and writes its litdata chunks; skips what is already there.
 
-    python data_prep/prepare_stdlib.py       # -> checkpoints/stdlib-tokenizer, data/stdlib/{train,val}
+    python -m data_prep.prepare_stdlib       # -> checkpoints/stdlib-tokenizer, data/stdlib/{train,val}
 """
 
 import sys
 from argparse import ArgumentError
 import sysconfig
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 

@@ -1,7 +1,7 @@
 """Tokenize a corpus into litdata token chunks that pretrain.py streams.
 
-    python data_prep/prepare_text.py --inputs CORPUS_DIR --tokenizer_dir TOKENIZER_DIR --out_dir data/corpus
-    python data_prep/prepare_text.py --inputs a.jsonl b.jsonl.zst --text_field text ... --fast_dev_run true
+    python -m data_prep.prepare_text --inputs CORPUS_DIR --tokenizer_dir TOKENIZER_DIR --out_dir data/corpus
+    python -m data_prep.prepare_text --inputs a.jsonl b.jsonl.zst --text_field text ... --fast_dev_run true
 
 Text files (one document each), JSONL / .jsonl.zst (one per line) and parquet (one per row). Each document
 becomes bos + tokens + eos. Whole files go to the train or the val split (a stable hash of the path decides),
@@ -17,9 +17,6 @@ import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from jsonargparse import CLI

@@ -1,10 +1,10 @@
 """A teacher's K largest logits at every position of a training set, computed once, for distill.py to read instead of
 running the teacher in every epoch of every run.
 
-    python data_prep/teacher_topk.py --teacher_dir out/pretrain/stdlib/final --data.train_dirs '[data/stdlib/train]' \\
+    python -m data_prep.teacher_topk --teacher_dir out/pretrain/stdlib/final --data.train_dirs '[data/stdlib/train]' \\
         --topk 64 --out_dir data/stdlib/teacher-top64
     python distill.py --config config_hub/distill_stdlib.yaml --teacher_topk_dir data/stdlib/teacher-top64
-    python data_prep/teacher_topk.py --teacher_dir T --data.format sft --data.train_files chats.jsonl --topk 64 \\
+    python -m data_prep.teacher_topk --teacher_dir T --data.format sft --data.train_files chats.jsonl --topk 64 \\
         --block_size 2048 --precision bf16-true --out_dir data/chats-top64                          # 1 GPU
 
 Writes out_dir/train-i/ for the i-th training source (the i-th of --data.train_dirs, or the train split of the SFT
@@ -22,9 +22,6 @@ import sys
 from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from jsonargparse import CLI

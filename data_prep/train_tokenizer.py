@@ -1,7 +1,7 @@
 """Train a byte-level BPE tokenizer on text files, directories or JSONL, and write tokenizer.json +
 tokenizer_config.json + generation_config.json that every script (and transformers.AutoTokenizer) reads.
 
-    python data_prep/train_tokenizer.py --inputs "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+    python -m data_prep.train_tokenizer --inputs "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
         --out_dir checkpoints/stdlib-tokenizer --vocab_size 8192 --pattern "*.py"
 """
 
@@ -9,9 +9,6 @@ import json
 import sys
 from argparse import ArgumentError
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jsonargparse import CLI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

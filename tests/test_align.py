@@ -7,6 +7,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,7 @@ from jsonargparse import CLI
 
 import align
 from checkpoint import load_lora_model, load_model, save_checkpoint, save_lora
+from conftest import ROOT
 from data_prep import train_tokenizer
 from model import GPT, Config, InputError, LoRAConfig, add_lora, lora_disabled, lora_state_dict
 from pref_data import collate_preferences, load_preference_data
@@ -142,7 +145,8 @@ def test_kto_loss_equals_its_paper_in_float64():
     ours = align.kto_loss(logratios, desirable, torch.tensor(kl, dtype=torch.float64), Args)
     # KTO eq. 8: w(y) (1 - v(x, y)), v = sigmoid(beta (r - z0)) if desirable else sigmoid(beta (z0 - r))
     expected = [Args.desirable_weight * (1 - sig(Args.beta * (r - kl))) if d else
-                Args.undesirable_weight * (1 - sig(Args.beta * (kl - r))) for r, d in zip(logratios.tolist(), desirable)]
+                Args.undesirable_weight * (1 - sig(Args.beta * (kl - r)))
+                for r, d in zip(logratios.tolist(), desirable)]
     torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
@@ -395,6 +399,25 @@ def test_the_policy_learns_to_prefer_the_chosen(tiny, tmp_path, precision, loss,
         assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     else:
         assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # Fabric starts two processes (gloo): ~1 min
+@pytest.mark.parametrize("extra", [[], ["--lora.r", "4", "--lora.dropout", "0"], ["--precompute_reference", "true"]],
+                         ids=["full-copy", "lora-base", "full-precomputed"])
+def test_two_processes_match_one(tiny, tmp_path, extra):
+    """2 ranks with 1 micro-batch of 2 pairs each against 1 rank accumulating 2: the same pairs per step, so the
+    numbers agree only if each pair weighs 1 / (pairs of the step) on every rank (and the precomputed table is
+    filled by both ranks' shares)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, devices in (("one", "1"), ("two", "2")):
+        result = subprocess.run([sys.executable, "align.py", *args_of(tiny, tmp_path / out, *extra, "--devices",
+                                                                      devices, "--strategy", "ddp")],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (list(csv.DictReader(open(tmp_path / d / "metrics.csv", newline=""))) for d in ("one", "two"))
+    for key in ("train_loss", "rewards/margins", "rewards/accuracies", "val_loss", "val_rewards/margins"):
+        assert [float(r[key] or 0) for r in two] == pytest.approx([float(r[key] or 0) for r in one], abs=1e-5), key
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
 
 
 def test_kto_runs_on_unpaired_data_and_logs_its_kl(tiny, tmp_path):

@@ -107,10 +107,10 @@ def assert_one_line_error(result, *needles):
 
 def test_cli_converts(tmp_path):
     save_hf_model("phi", tmp_path / "hf")
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "ours"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "ours"))
     assert result.returncode == 0, result.stderr
     assert {"model.safetensors", "model_config.yaml"} <= {p.name for p in (tmp_path / "ours").iterdir()}
-    result = run_cli("convert/to_hf.py", str(tmp_path / "ours"), "--out_dir", str(tmp_path / "back"))
+    result = run_cli("-m", "convert.to_hf", str(tmp_path / "ours"), "--out_dir", str(tmp_path / "back"))
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]
 
@@ -120,7 +120,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "FalconForCausalLM", "config.json", "llama", "gemma2", "gpt_neox")
     assert not (tmp_path / "out").exists()
 
@@ -128,7 +128,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
 def test_missing_weights(tmp_path):
     save_hf_model("llama", tmp_path / "hf")
     (tmp_path / "hf" / "model.safetensors").unlink()
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "no weights found", str(tmp_path / "hf"))
     assert not (tmp_path / "out").exists()
 
@@ -137,7 +137,7 @@ def test_truncated_weights(tmp_path):
     save_hf_model("llama", tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "model.safetensors")
     assert not (tmp_path / "out").exists()
 
@@ -147,7 +147,7 @@ def test_config_weights_shape_mismatch(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["intermediate_size"] = 80  # the stored MLP is 96 wide
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "model.safetensors", "shape", "config.json")
     assert not (tmp_path / "out").exists()
 
@@ -163,12 +163,12 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     payload = RunsCode()
     payload.marker = tmp_path / "pwned"
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": payload}, tmp_path / "hf" / "pytorch_model.bin")
-    result = run_cli("convert/from_hf.py", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.from_hf", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "pytorch_model.bin", "refused")
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "out").exists()
 
 
 def test_to_hf_on_a_directory_that_is_no_checkpoint(tmp_path):
-    result = run_cli("convert/to_hf.py", str(tmp_path), "--out_dir", str(tmp_path / "out"))
+    result = run_cli("-m", "convert.to_hf", str(tmp_path), "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "model_config.yaml")

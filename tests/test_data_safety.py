@@ -1,5 +1,5 @@
 """What a user already has is never lost: an output path that is a file, a kill inside an atomic write, a corpus
-with nothing readable in it. The scripts run in subprocesses as a user runs them (README: data_prep/*.py)."""
+with nothing readable in it. The scripts run in subprocesses as a user runs them (README: python -m data_prep.X)."""
 
 import hashlib
 import os
@@ -92,7 +92,7 @@ def test_train_tokenizer_out_dir_that_is_a_file(tmp_path):
     target = tmp_path / "tokenizer.json"  # a plausible slip: the file instead of its directory
     target.write_text('{"the": "user\'s tokenizer"}')
     before = digest(target)
-    line = error_line([sys.executable, "data_prep/train_tokenizer.py", "--inputs", str(corpus),
+    line = error_line([sys.executable, "-m", "data_prep.train_tokenizer", "--inputs", str(corpus),
                        "--out_dir", str(target), "--vocab_size", str(VOCAB)])
     assert str(target) in line and "not a directory" in line
     assert digest(target) == before
@@ -214,7 +214,7 @@ def test_remove_stale_temporaries(tmp_path):
 def test_train_tokenizer_on_nothing_readable_keeps_the_tokenizer(good, tmp_path):
     corpus = write_latin1_corpus(tmp_path / "latin1")
     before = digest(good / "tokenizer")
-    line = error_line([sys.executable, "data_prep/train_tokenizer.py", "--inputs", str(corpus),
+    line = error_line([sys.executable, "-m", "data_prep.train_tokenizer", "--inputs", str(corpus),
                        "--out_dir", str(good / "tokenizer"), "--vocab_size", str(VOCAB)])
     assert "no text" in line and str(corpus / "latin1_0.py") in line
     assert digest(good / "tokenizer") == before
@@ -225,7 +225,7 @@ def test_prepare_text_on_nothing_readable_keeps_the_dataset(good, tmp_path):
     corpus = write_latin1_corpus(tmp_path / "latin1", n_files=2)  # two: one goes to each split, both written
     before = digest(good / "chunks")
     assert prepare_text.count(good / "chunks" / "train")[0] > 0  # a real dataset to lose
-    line = error_line([sys.executable, "data_prep/prepare_text.py", "--inputs", str(corpus),
+    line = error_line([sys.executable, "-m", "data_prep.prepare_text", "--inputs", str(corpus),
                        "--tokenizer_dir", str(good / "tokenizer"), "--out_dir", str(good / "chunks"),
                        "--workers", "1"])
     assert "no documents" in line and str(corpus / "latin1_") in line
@@ -235,7 +235,7 @@ def test_prepare_text_on_nothing_readable_keeps_the_dataset(good, tmp_path):
 
 def test_an_empty_input_directory_is_named_whole(tmp_path):
     (tmp_path / "empty").mkdir()  # (prepare_text.py finds its files with the same corpus.find_files)
-    line = error_line([sys.executable, "data_prep/train_tokenizer.py", "--inputs", str(tmp_path / "empty"),
+    line = error_line([sys.executable, "-m", "data_prep.train_tokenizer", "--inputs", str(tmp_path / "empty"),
                        "--out_dir", str(tmp_path / "out")])
     assert "no input files" in line and str(tmp_path / "empty") in line
     assert not (tmp_path / "out").exists()

@@ -436,9 +436,9 @@ def test_bad_input_is_one_line(setup_dir, tmp_path):
 
 @pytest.mark.slow  # a process start (~10 s on 2 cores); the in-process errors above cover the messages
 def test_main_prints_one_error_line(setup_dir, tmp_path):
-    """The __main__ path of data_prep/teacher_topk.py, run as a file (its repository-root path fix included): exit
+    """The __main__ path of data_prep/teacher_topk.py, run as `python -m data_prep.teacher_topk`: exit
     code 1, no traceback, one 'error:' line naming the flag. distill.py's is tests/test_bad_input.py's."""
-    result = subprocess.run([sys.executable, "data_prep/teacher_topk.py", "--teacher_dir", str(setup_dir / "teacher"),
+    result = subprocess.run([sys.executable, "-m", "data_prep.teacher_topk", "--teacher_dir", str(setup_dir / "teacher"),
                              "--topk", str(VOCAB + 1), "--out_dir", str(tmp_path / "cache")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 1, result.stderr[-2000:]

@@ -143,7 +143,7 @@ def run_download(hub, tmp_path, *args, endpoint=None, command=None):
     env.update(HF_ENDPOINT=endpoint or f"http://127.0.0.1:{hub.server_port}", HF_HOME=str(tmp_path / "hf_home"),
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                NO_PROXY="127.0.0.1")
-    command = command or [sys.executable, "convert/download.py", "--checkpoint_dir", str(tmp_path / "ckpt")]
+    command = command or [sys.executable, "-m", "convert.download", "--checkpoint_dir", str(tmp_path / "ckpt")]
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 

@@ -343,7 +343,7 @@ def test_adapter_directory_round_trip(run):
 
 
 def merge_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "convert/merge_lora.py", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "convert.merge_lora", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

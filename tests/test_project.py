@@ -39,7 +39,7 @@ def test_readme_default_job_runs_in_fast_dev_mode(tmp_path):
 
 
 def test_selfcheck_passes():
-    result = subprocess.run([sys.executable, "convert/selfcheck.py"], capture_output=True, text=True, cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "convert.selfcheck"], capture_output=True, text=True, cwd=ROOT,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(PRESETS)}/{len(PRESETS)} families passed" in result.stdout
