@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model import IGNORE_INDEX
-from sft_data import DataError, alpaca_prompt, read_json_records, resolve_style, text_field
+from sft_data import DataError, alpaca_prompt, hold_out, read_json_records, resolve_style, text_field
 from tokenizer import Tokenizer
 
 
@@ -48,14 +48,8 @@ def load_preference_data(paths: str | Path | list, tokenizer: Tokenizer, *, prom
     """Train and val datasets, and counts. Every file holds the same kind of record (pairs or unpaired)."""
     style = resolve_style(tokenizer, prompt_style)
     records = read_preference_records(paths)
-    if val_paths:
-        val_records = read_preference_records(val_paths)
-    else:
-        n_val = min(max(1, round(len(records) * val_split)), len(records) - 1) if val_split else 0
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-        held_out = set(order[:n_val])
-        val_records = [r for i, r in enumerate(records) if i in held_out]
-        records = [r for i, r in enumerate(records) if i not in held_out]
+    records, val_records = ((records, read_preference_records(val_paths)) if val_paths
+                            else hold_out(records, val_split, seed))
     kinds = {len(r[2]) for r in records + val_records}  # 2 completions: a pair; 1: unpaired
     if len(kinds) > 1:
         raise DataError(f"{paths}: pairs (prompt, chosen, rejected) and unpaired records (prompt, completion, "

@@ -72,14 +72,7 @@ def load_sft_data(paths: str | Path | list, tokenizer: Tokenizer, *, prompt_styl
     if not 0 <= val_split < 1:
         raise DataError(f"val_split must be in [0, 1), got {val_split}")
     records = read_records(paths)
-    if val_paths:
-        val_records = read_records(val_paths)
-    else:
-        n_val = min(max(1, round(len(records) * val_split)), len(records) - 1) if val_split else 0
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-        held_out = set(order[:n_val])
-        val_records = [r for i, r in enumerate(records) if i in held_out]
-        records = [r for i, r in enumerate(records) if i not in held_out]
+    records, val_records = (records, read_records(val_paths)) if val_paths else hold_out(records, val_split, seed)
     stats = dict(examples=len(records) + len(val_records), truncated=0, dropped=0)
     # The pad id is cosmetic (padded positions have IGNORE_INDEX labels and come after every real token)
     pad = next((i for i in (tokenizer.token_to_id(tokenizer.pad_token), tokenizer.eos_id) if i is not None), 0)
@@ -94,6 +87,15 @@ def load_sft_data(paths: str | Path | list, tokenizer: Tokenizer, *, prompt_styl
     stats.update(train=len(train), val=len(val), train_tokens=sum(len(t) - 1 for t, _ in train.examples),
                  train_targets=sum(int(m[1:].sum()) for _, m in train.examples))
     return train, val, stats
+
+
+def hold_out(records: list, val_split: float, seed: int) -> tuple[list, list]:
+    """(train, val): val_split of the records (at least one, and never all) in a fixed permutation by seed, drawn
+    before tokenising, so that the same records are held out whatever max_seq_length is."""
+    n_val = min(max(1, round(len(records) * val_split)), len(records) - 1) if val_split else 0
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
 
 
 def resolve_style(tokenizer: Tokenizer, prompt_style: str) -> str:

@@ -46,3 +46,16 @@ def smollm2_hf_dir() -> Path:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, hf_dir)
     return hf_dir
+
+
+@pytest.fixture
+def slurm_job(tmp_path, monkeypatch) -> Path:
+    """Inside a SLURM job (SLURM_JOB_ID 4242) with a stand-in `scontrol` on PATH that writes its arguments to the
+    file returned: what a run that requeues itself (training.StopSignal) asked of SLURM."""
+    log, bin_dir = tmp_path / "scontrol.txt", tmp_path / "slurm_bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {log}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return log

@@ -23,6 +23,7 @@ from conftest import ROOT
 from data_prep import train_tokenizer
 from model import GPT, Config, InputError, LoRAConfig, add_lora, lora_disabled, lora_state_dict
 from pref_data import collate_preferences, load_preference_data
+from test_finetune import write_jsonl
 from tokenizer import Tokenizer
 
 VOCAB, BLOCK = 320, 64
@@ -43,11 +44,6 @@ def pair_records() -> list[dict]:
                         "chosen": f"{name}'s hat is red.",
                         "rejected": {"role": "assistant", "content": f"{name}'s hat is blue."}})
     return records
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -353,15 +349,9 @@ def test_a_killed_run_with_a_precomputed_reference_resumes_to_the_same_numbers(t
     assert [r["rewards/margins"] for r in resumed] == [r["rewards/margins"] for r in whole]
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, capsys):
+def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, capsys, slurm_job):
     """SLURM's warning before the time limit, raised during step 2 (as tests/test_distill.py's): a checkpoint after
     that step, `scontrol requeue`, no final/; --resume auto then finishes with the uninterrupted run's numbers."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
-    (fake_bin / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
     whole = run(tiny, tmp_path / "whole", "--lora.r", "4")
 
     def lr_at_and_signal(step, *args):  # lr_at is called at the start of every step
@@ -377,7 +367,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, c
     assert int(stopped[-1]["step"]) == 2 and "SIGUSR1: stopped after step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "step-00000002" / "state" / "train_state.pt").is_file()
     assert not (tmp_path / "run" / "final").exists()
-    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert slurm_job.read_text().split() == ["requeue", "4242"]
     resumed = run(tiny, tmp_path / "run", "--lora.r", "4", "--resume", "auto")
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
     assert (tmp_path / "run" / "final" / "lora.safetensors").is_file()

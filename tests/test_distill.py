@@ -300,16 +300,11 @@ def test_resume_is_exact(setup_dir, straight_run, tmp_path, capsys):
     assert losses(out) == losses(straight_run)  # bitwise on CPU
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes(setup_dir, straight_run, tmp_path, monkeypatch, capsys):
+def test_sigusr1_checkpoints_requeues_and_resumes(setup_dir, straight_run, tmp_path, monkeypatch, capsys,
+                                                  slurm_job):
     """SLURM's warning before the time limit (SIGUSR1, as config_hub/slurm/pretrain.sbatch asks for), here raised
     during step 6: the run checkpoints after that step, requeues the job through scontrol and returns without a
     final/; --resume auto then finishes it with the uninterrupted run's numbers (as tests/test_pretrain.py's)."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
-    (fake_bin / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
 
     def lr_at_and_signal(step, *args):  # lr_at is called at the start of every step
         if step == 6:
@@ -326,7 +321,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(setup_dir, straight_run, tmp_p
     assert "SIGUSR1: stopped after step 6" in capsys.readouterr().out
     assert (out / "step-00000006" / "state" / "train_state.pt").is_file()
     assert not (out / "final").exists()
-    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert slurm_job.read_text().split() == ["requeue", "4242"]
     run(distill_args(setup_dir, out, "--resume", "auto"))
     assert losses(out) == losses(straight_run)
     assert (out / "final" / "model.safetensors").is_file()
@@ -396,7 +391,7 @@ def test_topk_cache_roundtrip(setup_dir, straight_run, tmp_path, capsys):
     (other_vocab / "train-0" / "index.json").write_text('{"chunks": [')
     message = distill_error(distill_args(setup_dir, tmp_path / "o5", "--teacher_topk_dir", str(other_vocab)))
     assert "train-0/index.json" in message and "invalid JSON" in message
-    assert "teacher_topk.py" in distill_error(distill_args(setup_dir, tmp_path / "o6", "--teacher_topk_dir",
+    assert "data_prep.teacher_topk" in distill_error(distill_args(setup_dir, tmp_path / "o6", "--teacher_topk_dir",
                                                            str(tmp_path / "nowhere")))
 
 

@@ -312,18 +312,13 @@ def test_qlora_nf4_trains_on_the_cpu_in_fast_dev_run(tiny, tmp_path, capsys):
 # ---- stopping and resuming -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, capsys, request, script):
+def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, capsys, request, script, slurm_job):
     """As pretrain's (tests/test_pretrain.py), in this process: SIGUSR1, SLURM's warning before the time limit, arrives
     during step 4 (raised from that step's learning-rate lookup). The run checkpoints after the step, requeues the
     job through scontrol and returns without a final/; --resume auto then finishes it with the numbers of the
     uninterrupted run (the module's full_run or lora_run: LoRA dropout, so the restored RNG matters too)."""
     reference = request.getfixturevalue("lora_run" if script == "finetune_lora.py" else "full_run")
     extra = LORA_ARGS if script == "finetune_lora.py" else []
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.txt"}\n')
-    (tmp_path / "bin" / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
     lr_at = SCRIPTS[script].lr_at
 
     def lr_at_signalling(step: int, *args) -> float:
@@ -341,7 +336,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tiny, tmp_path, monkeypatch, c
     assert f"SIGUSR1: stopped after step 4, checkpoint {out / 'step-00000004'}" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out)][-1] == "4"
     assert (out / "step-00000004" / "state" / "train_state.pt").is_file() and not (out / "final").exists()
-    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert slurm_job.read_text().split() == ["requeue", "4242"]
     monkeypatch.undo()
     run_in_process(script, tiny, out, *extra, "--resume", "auto")
     assert columns(out) == columns(reference)

@@ -21,10 +21,10 @@ COPIES = [
                 "validate", "generate_sample", "load_data"]),
     (CHUNKS, ["TrainArgs.__post_init__", "EvalArgs", "batches_forever"]),
     (TRAINING, ["CheckpointArgs"]),
-    (SUPERVISED, ["EvalArgs", "generate_sample"]),
+    (SUPERVISED, ["TrainArgs.__post_init__", "EvalArgs", "generate_sample"]),
 ]
 # The same fields in the same order, where the defaults differ (finetune_lora's learning rates are LoRA's)
-FIELDS = [(FINETUNE, "TrainArgs"), (CHUNKS, "TrainArgs")]
+FIELDS = [(SUPERVISED, "TrainArgs"), (CHUNKS, "TrainArgs")]
 # Statements inside the functions, the same in every training script: the resolved arguments that every checkpoint's
 # metadata carries, and how the loop stops a run: --train.max_time, and SIGUSR1 (SLURM's warning before its time
 # limit: checkpoint after the step, requeue the job, return)
