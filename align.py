@@ -288,8 +288,10 @@ def setup(
         logger.finalize("success")
 
 
-def main(fabric, checkpoint_dir, data, loss, train, eval, ckpt, lora, quantize, reference, reference_dir,
-         precompute_reference, out_dir, resume, precision, activation_checkpointing, run_args):
+def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train: TrainArgs, eval: EvalArgs,
+         ckpt: CheckpointArgs, lora: LoRAConfig | None, quantize: str | None, reference: str, reference_dir: Path,
+         precompute_reference: bool, out_dir: Path, resume: str | None, precision: str, activation_checkpointing: bool,
+         run_args: dict) -> None:
     # A LoRA directory (an SFT adapter) to start from: its base with the adapter on top, and the adapter trains on
     base_dir, start_adapter = checkpoint_dir, (checkpoint_dir / LORA_CONFIG).is_file()
     if start_adapter:
