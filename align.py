@@ -22,6 +22,7 @@ rewards/margins, logps/chosen, logps/rejected; with train_loss, val_loss, lr, to
 the model's answer to --eval.prompt in `sample`.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -35,7 +36,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_lora,
@@ -483,7 +485,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
 
 # What a micro-batch adds to the step's statistics, summed over micro-batches and ranks (summarise divides)
 SUMS = ["loss", "pairs", "chosen_rewards", "rejected_rewards", "wins", "chosen_logps", "rejected_logps", "kl",
-        "kl_batches", "desirable", "tokens"]
+        "kl_examples", "desirable", "tokens"]
 
 
 def sequence_logps(fabric, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,7 +528,7 @@ def preference_loss(fabric, model, batch: dict, ref_logps: torch.Tensor | None,
         example_logps = logps[:B].detach()
         stats.update(chosen_rewards=rewards[desirable].sum(), rejected_rewards=rewards[~desirable].sum(),
                      chosen_logps=example_logps[desirable].sum(), rejected_logps=example_logps[~desirable].sum(),
-                     kl=kl * B, kl_batches=B, desirable=desirable.sum())
+                     kl=kl * B, kl_examples=B, desirable=desirable.sum())
     else:
         policy = logps / lengths if averaged else logps
         ref = None if ref_logps is None else (ref_logps / lengths if averaged else ref_logps)
@@ -556,13 +558,13 @@ def summarise(sums: torch.Tensor) -> dict:
     ranks."""
     s = dict(zip(SUMS, sums.tolist()))
     pairs = max(s["pairs"], 1)
-    if s["kl_batches"]:  # KTO: rewards/chosen over the desirable examples, rewards/rejected over the others
+    if s["kl_examples"]:  # KTO: rewards/chosen over the desirable examples, rewards/rejected over the others
         desirable, undesirable = max(s["desirable"], 1), max(s["pairs"] - s["desirable"], 1)
         return {"train_loss": s["loss"] / pairs, "rewards/chosen": s["chosen_rewards"] / desirable,
                 "rewards/rejected": s["rejected_rewards"] / undesirable, "rewards/accuracies": None,
                 "rewards/margins": s["chosen_rewards"] / desirable - s["rejected_rewards"] / undesirable,
                 "logps/chosen": s["chosen_logps"] / desirable, "logps/rejected": s["rejected_logps"] / undesirable,
-                "kl": s["kl"] / s["kl_batches"]}
+                "kl": s["kl"] / s["kl_examples"]}
     return {"train_loss": s["loss"] / pairs, "rewards/chosen": s["chosen_rewards"] / pairs,
             "rewards/rejected": s["rejected_rewards"] / pairs, "rewards/accuracies": s["wins"] / pairs,
             "rewards/margins": (s["chosen_rewards"] - s["rejected_rewards"]) / pairs,
@@ -598,13 +600,12 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
                               **{split: data_fingerprint(ds) for split, ds in datasets.items()}})
     if path.is_file():
         try:
-            tables = load_file(path)
-            with open(path, "rb") as f:  # safetensors' header: an 8-byte length, then JSON holding __metadata__
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            with safe_open(path, framework="pt") as f:
+                tables, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many types; all mean the same
             raise InputError(f"{path}: not a readable table of reference log-probs ({type(e).__name__}); delete "
                              "it to compute them again") from None
-        if header.get("__metadata__", {}).get("fingerprint") != fingerprint:
+        if metadata.get("fingerprint") != fingerprint:
             raise InputError(f"{path}: reference log-probs of another reference or data set; delete it or use "
                              "another --out_dir")
         fabric.print(f"reference log-probs read from {path}")
@@ -617,8 +618,7 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
                           desc=f"reference log-probs ({split})", dynamic_ncols=True):
             ids = mine[start:start + micro_batch_size]
             batch = collate_preferences([dataset[i] for i in ids], dataset.pad_id, max_seq_length)
-            with torch.no_grad():
-                logps = score_reference(batch)[0]
+            logps = score_reference(batch)[0]  # (under no_grad: both reference functions are)
             table[ids] = torch.stack([logps[:len(ids)], logps[len(ids):]], dim=1)
         tables[split] = fabric.all_reduce(table, reduce_op="sum").cpu()  # each example filled by one rank
     if fabric.global_rank == 0:
@@ -632,7 +632,6 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
 
 def data_fingerprint(dataset) -> str:
     """What the precomputed log-probs depend on: every example's token ids, hashed."""
-    import hashlib
     digest = hashlib.sha256()
     for example in dataset.examples:
         for part in example:

@@ -137,9 +137,9 @@ def main(*, teacher_dir: Path, topk: int, out_dir: Path, data: DataArgs = DataAr
 
 def load_teacher(teacher_dir: Path, quantize: str | None, dtype: torch.dtype, device: str) -> GPT:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    # the 4-bit layers dequantise to the matmuls' dtype
-    kwargs = dict(quantize=quantize, compute_dtype=dtype) if quantize else {}
-    return load_model(teacher_dir, device=device, dtype=dtype, **kwargs).eval().requires_grad_(False)
+    # quantised, the 4-bit layers dequantise to the matmuls' dtype
+    return load_model(teacher_dir, device=device, dtype=dtype, quantize=quantize,
+                      compute_dtype=dtype).eval().requires_grad_(False)
 
 
 @torch.no_grad()
