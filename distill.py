@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import CLI
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
+from torch.distributed import ReduceOp
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -43,7 +44,8 @@ from checkpoint import (LORA_WEIGHTS, check_state_dict, check_writable_directory
                         weights_dtype)
 from generation import generate_tokens
 from model import GPT, Block, Config, InputError, LoRAConfig, add_lora, is_lora_key
-from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data
+from report import write_run_report
+from sft_data import IGNORE_INDEX, collate, count_targets, load_sft_data, packed_micro_batches
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_full_state,
                       gather_trainable_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
@@ -74,6 +76,7 @@ class DataArgs:
     val_split: float = 0.05  # sft: fraction of the train records held out for validation (0: none) unless val_files
     prompt_style: str = "auto"  # sft: chat_template, alpaca, or auto: the chat template when the tokenizer has one
     mask_prompt: bool = True  # sft: learn only the assistant's text (and its end-of-turn token), not the prompt
+    packing: bool = False  # sft: several examples per row of block_size tokens, each attending only to itself
     num_workers: int = 1  # loader processes per rank
     shuffle: bool = True
 
@@ -83,6 +86,8 @@ class DataArgs:
                 f"one positive weight per train dir ({len(self.train_dirs)}) or null")
         require(self.num_workers >= 0, "--data.num_workers", self.num_workers, "0 (the main process) or more")
         require(0 <= self.val_split < 1, "--data.val_split", self.val_split, "a fraction in [0, 1)")
+        require(not self.packing or self.format == "sft", "--data.packing", self.packing,
+                "false with --data.format chunks (whose blocks are full already)")
 
 
 @dataclass
@@ -224,6 +229,12 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
          on_policy: OnPolicyArgs, resume: str | None, precision: str, strategy: str, activation_checkpointing: bool,
          run_args: dict) -> None:
     check_kd_args(kd, on_policy_fraction, teacher_topk_dir, teacher_quantize, strategy, lora, student_dir)
+    if on_policy_fraction and data.packing:
+        raise InputError("--on_policy_fraction with --data.packing: the student continues each row's one prompt; "
+                         "drop one of them")
+    if teacher_topk_dir and data.packing:
+        raise InputError("--teacher_topk_dir with --data.packing: the cache holds one example's logits per row; "
+                         "drop one of them")
     teacher_config = load_config(teacher_dir)
     if (student_dir is None) == (student_config is None):
         raise InputError("give --student_dir (a checkpoint) or --student_config (a preset), not both or neither")
@@ -263,7 +274,7 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
     else:
         if needs_teacher:
             teacher = load_teacher(fabric, teacher_dir, teacher_quantize, precision)
-        train_loader = make_train_loader(fabric, train_set, data, train)
+        train_loader = make_train_loader(fabric, train_set, data, train, config.block_size)
 
     if student_dir is not None:  # on the CPU first: the strategy moves (or shards) it to the devices in setup_module
         student = load_model(student_dir, dtype=weights_dtype(precision))
@@ -297,7 +308,7 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
 
     metrics = MetricsCSV(out_dir / "metrics.csv", METRICS, fabric.global_rank == 0, truncate_after_step=state["step"])
     saver = Saver(fabric, config, tokenizer_dir, lora, student_dir, run_args)
-    train_iter = batches_forever(train_loader)
+    train_steps = step_batches(train_loader, accum_steps)
     progress = tqdm(total=max_steps, initial=state["step"], disable=fabric.global_rank != 0, desc="distill",
                     dynamic_ncols=True)
     recent = deque(maxlen=10)  # (tokens, seconds) of the last steps' training, eval and checkpoints excluded
@@ -309,11 +320,11 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
             group["lr"] = lr
         step_start = time.perf_counter()
         # All micro-batches of the step first: the loss is normalised by the target tokens of the whole step.
-        batches = [to_device(next(train_iter), fabric.device) for _ in range(accum_steps)]
+        batches = [to_device(batch, fabric.device) for batch in next(train_steps)]
         # GKD's lambda: which micro-batches the student writes itself, drawn from (seed, step, rank) so that a
         # resumed run makes the same draws
         draw = torch.Generator().manual_seed(train.seed + 1_000_003 * step + 7919 * fabric.global_rank)
-        on_policy_flags = (torch.rand(accum_steps, generator=draw) < on_policy_fraction).tolist()
+        on_policy_flags = (torch.rand(len(batches), generator=draw) < on_policy_fraction).tolist()
         for i, flag in enumerate(on_policy_flags):
             if flag:
                 batches[i] = on_policy_batch(raw_model.student, batches[i], on_policy, tokenizer, draw,
@@ -323,7 +334,7 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
         targets, data_targets, n_on_policy = fabric.all_reduce(counts, reduce_op="sum").tolist()
         sums = torch.zeros(3, device=fabric.device)  # CE (data batches), KD, the loss
         for micro, (batch, flag) in enumerate(zip(batches, on_policy_flags)):
-            with fabric.no_backward_sync(model, enabled=micro < accum_steps - 1):
+            with fabric.no_backward_sync(model, enabled=micro < len(batches) - 1):
                 ce_sum, kd_sum = model(**batch)
                 # SFT and distillation: sums over target tokens divided by the target tokens of the whole optimizer
                 # step (every micro-batch, every rank), so every target weighs the same, as in one big batch; times
@@ -380,6 +391,7 @@ def main(fabric, *, teacher_dir: Path, student_dir: Path | None, student_config:
 
     saver.save(out_dir / "final", raw_model.student, optimizer, train_loader, state, with_state=False)
     fabric.print(f"final {'adapter' if lora else 'checkpoint'}: {out_dir / 'final'}")
+    write_run_report(out_dir, enabled=fabric.global_rank == 0)  # out_dir/report.png: the run's metrics drawn
 
 
 def distill_loss(ce_sum: torch.Tensor, kd_sum: torch.Tensor, kd: KDArgs, on_policy: bool = False) -> torch.Tensor:
@@ -403,16 +415,18 @@ class Distiller(nn.Module):
         return self.kd.alpha < 1
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, values: torch.Tensor | None = None,
-                indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, labels (B, T); values, indices (B, T, K): the teacher's cached top-K logits, if any.
-        -> the CE and the KD divergence summed (not averaged) over the target positions; the caller normalises."""
+                indices: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, labels (B, T); values, indices (B, T, K): the teacher's cached top-K logits, if any; doc_ids
+        (B, T): packed rows' documents. -> the CE and the KD divergence summed (not averaged) over the target
+        positions; the caller normalises."""
         mask = labels != IGNORE_INDEX
-        h = self.student.trunk(input_ids)[mask]  # (N, n_embd): the target positions only
+        h = self.student.trunk(input_ids, doc_ids=doc_ids)[mask]  # (N, n_embd): the target positions only
         targets = labels[mask]  # (N,)
         h_teacher = None
         if self.has_kd and values is None and self.teacher is not None:  # (cached runs validate without a teacher)
             with torch.no_grad():
-                h_teacher = self.teacher.trunk(input_ids)[mask]  # (N, teacher n_embd)
+                h_teacher = self.teacher.trunk(input_ids, doc_ids=doc_ids)[mask]  # (N, teacher n_embd)
         values, indices = (values[mask], indices[mask]) if values is not None else (None, None)  # (N, K)
         zero = h.float().sum() * 0.0  # keeps the graph connected when a micro-batch has no target at all
         ce_sum, kd_sum = zero, zero.detach()
@@ -488,6 +502,17 @@ def batches_forever(loader):
     # continues the interrupted epoch where it stopped, so resume never replays batches.
     while True:
         yield from loader
+
+
+def step_batches(loader, accum_steps: int):
+    """The micro-batches of each optimizer step: an SFTLoader's own steps (packed: as many as the rows need), or
+    accum_steps of a litdata loader's."""
+    if isinstance(loader, SFTLoader):
+        yield from loader
+        return
+    batches = batches_forever(loader)
+    while True:
+        yield [next(batches) for _ in range(accum_steps)]
 
 
 def to_device(batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -687,10 +712,11 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
     return train_set, val_loader or None
 
 
-def make_train_loader(fabric, train_set, data: DataArgs, train: TrainArgs):
+def make_train_loader(fabric, train_set, data: DataArgs, train: TrainArgs, block_size: int):
     if data.format == "sft":
-        return SFTLoader(train_set, StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size,
-                                                fabric.global_rank, fabric.world_size, train.seed))
+        return SFTLoader(fabric, train_set, StepSampler(len(train_set), train.global_batch_size, train.micro_batch_size,
+                                                        fabric.global_rank, fabric.world_size, train.seed),
+                         block_size if data.packing else None)
     dataset = train_set[0] if len(train_set) == 1 else CombinedStreamingDataset(
         train_set, seed=train.seed, weights=data.weights, iterate_over_all=False)
     return StreamingDataLoader(dataset, batch_size=train.micro_batch_size, num_workers=data.num_workers,
@@ -698,22 +724,39 @@ def make_train_loader(fabric, train_set, data: DataArgs, train: TrainArgs):
 
 
 class SFTLoader:
-    """The micro-batches of training.StepSampler's steps one after the other, as the litdata loaders give theirs;
-    its state is the sampler's position (whole steps: a checkpoint is taken after all micro-batches of a step)."""
+    """The micro-batches of training.StepSampler's steps, a step at a time (packed with row_length); its state is the
+    sampler's position (whole steps: a checkpoint is taken after all micro-batches of a step)."""
 
-    def __init__(self, dataset, sampler: StepSampler):
-        self.dataset, self.sampler = dataset, sampler
+    def __init__(self, fabric, dataset, sampler: StepSampler, row_length: int | None):
+        self.fabric, self.dataset, self.sampler, self.row_length = fabric, dataset, sampler, row_length
 
     def __iter__(self):
         while True:
-            for ids in self.sampler.next_step():
-                yield collate([self.dataset[i] for i in ids], self.dataset.pad_id)
+            examples = [[self.dataset[i] for i in ids] for ids in self.sampler.next_step()]
+            yield make_micro_batches(self.fabric, examples, self.dataset.pad_id, self.row_length)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+def make_micro_batches(fabric, examples: list[list[dict]], pad_id: int, row_length: int | None) -> list[dict]:
+    """This rank's micro-batches of a step: the sampler's, each padded to its longest example; or, with row_length,
+    the same examples packed into rows of row_length tokens, micro_batch_size rows per micro-batch (the tokens of
+    the padded run's worst case) and as many micro-batches on every rank (under FSDP each forward is a collective)."""
+    if row_length is None:
+        return [collate(e, pad_id) for e in examples]
+    # On CUDA every row is row_length long: one shape, which the compiled FlexAttention kernel is built for. Elsewhere
+    # a micro-batch is one row without padding, attended a document at a time (model.py's varlen path).
+    batches = packed_micro_batches([x for e in examples for x in e], len(examples[0]), row_length, pad_id,
+                                   fixed_rows=fabric.device.type == "cuda")
+    if fabric.world_size > 1:
+        count = fabric.all_reduce(torch.tensor(len(batches), device=fabric.device), reduce_op=ReduceOp.MAX)
+        nothing = dict(batches[0], labels=torch.full_like(batches[0]["labels"], IGNORE_INDEX))  # adds no target
+        batches += [nothing] * (int(count) - len(batches))
+    return batches
 
 
 # ---- the teacher's top-K logits, from data_prep/teacher_topk.py -----------------------------------------------------

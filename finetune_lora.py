@@ -28,13 +28,16 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse import CLI
+from torch.distributed import ReduceOp
 from tqdm import tqdm
 
 from checkpoint import (LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_model,
                         load_state_dict, require, save_lora, weights_dtype)
 from generation import generate
 from model import Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_summary, router_aux_loss
-from sft_data import IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, resolve_style
+from report import write_run_report
+from sft_data import (IGNORE_INDEX, collate, count_targets, encode_prompt, load_sft_data, packed_micro_batches,
+                      resolve_style)
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_trainable_state,
                       load_full_state, load_train_state, lr_at, make_loggers, make_optimizer, make_strategy,
@@ -54,6 +57,7 @@ class DataArgs:
     prompt_style: str = "auto"  # chat_template, alpaca, or auto: the chat template when the tokenizer has one
     mask_prompt: bool = True  # learn only the assistant's text (and its end-of-turn token), not the prompt
     max_seq_length: int | None = None  # longer examples are cut (and dropped if no target is left); None: block_size
+    packing: bool = False  # several examples per row of max_seq_length, each attending only to itself: no padding
 
     def __post_init__(self):
         require(0 <= self.val_split < 1, "--data.val_split", self.val_split, "a fraction in [0, 1)")
@@ -238,8 +242,9 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, train: TrainArgs, eval
             group["lr"] = lr
         step_start = time.perf_counter()
         examples = [[train_set[i] for i in ids] for ids in sampler.next_step()]
-        train_loss, aux_loss = step_loss(fabric, model, [collate(e, train_set.pad_id) for e in examples],
-                                         raw_model.config.router_aux_loss_coef)
+        micro_batches = make_micro_batches(fabric, examples, train_set.pad_id,
+                                           (data.max_seq_length or config.block_size) if data.packing else None)
+        train_loss, aux_loss = step_loss(fabric, model, micro_batches, raw_model.config.router_aux_loss_coef)
         if not math.isfinite(train_loss):
             raise InputError(f"loss is {train_loss} at step {step}; the last good checkpoint in {out_dir} is "
                              "kept (try a lower --train.lr or --train.grad_clip)")
@@ -293,6 +298,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, train: TrainArgs, eval
     save_checkpoint_dir(fabric, out_dir / "final", raw_model=raw_model, optimizer=optimizer, sampler=sampler,
                         state=state, lora=lora, base_dir=checkpoint_dir, run_args=run_args, with_state=False)
     fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    write_run_report(out_dir, enabled=fabric.global_rank == 0)  # out_dir/report.png: the run's metrics drawn
     if fabric.device.type == "cuda":
         fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
 
@@ -306,13 +312,14 @@ def step_loss(fabric, model, micro_batches: list[dict], aux_coef: float) -> tupl
     loss_sum, aux_sum = torch.zeros((), device=fabric.device), None
     for i, batch in enumerate(micro_batches):
         x, y = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+        doc_ids = batch["doc_ids"].to(fabric.device) if "doc_ids" in batch else None  # packed rows
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
             # Examples differ in length and in how much of them is prompt, so a mean per micro-batch divided by the
             # number of micro-batches would weigh each target by 1 / (targets in its micro-batch). Instead: the sum
             # over this micro-batch's targets divided by the targets of the whole step (every micro-batch of every
             # rank, all-reduced above), so every target weighs the same, as in one big batch. x world size because
             # DDP and FSDP average the gradients of the ranks, and the step's loss is their sum.
-            loss = model(x, targets=y) * fabric.world_size / n_targets  # targets = IGNORE_INDEX add nothing
+            loss = model(x, targets=y, doc_ids=doc_ids) * fabric.world_size / n_targets  # IGNORE_INDEX: nothing
             aux = router_aux_loss(model)  # per micro-batch, averaged over them here and over the ranks by DDP
             if aux is not None:
                 aux = aux / len(micro_batches)
@@ -321,6 +328,23 @@ def step_loss(fabric, model, micro_batches: list[dict], aux_coef: float) -> tupl
         loss_sum += loss.detach()
     aux_mean = None if aux_sum is None else fabric.all_reduce(aux_sum, reduce_op="mean").item()
     return fabric.all_reduce(loss_sum, reduce_op="mean").item(), aux_mean
+
+
+def make_micro_batches(fabric, examples: list[list[dict]], pad_id: int, row_length: int | None) -> list[dict]:
+    """This rank's micro-batches of a step: the sampler's, each padded to its longest example; or, with row_length,
+    the same examples packed into rows of row_length tokens, micro_batch_size rows per micro-batch (the tokens of
+    the padded run's worst case) and as many micro-batches on every rank (under FSDP each forward is a collective)."""
+    if row_length is None:
+        return [collate(e, pad_id) for e in examples]
+    # On CUDA every row is row_length long: one shape, which the compiled FlexAttention kernel is built for. Elsewhere
+    # a micro-batch is one row without padding, attended a document at a time (model.py's varlen path).
+    batches = packed_micro_batches([x for e in examples for x in e], len(examples[0]), row_length, pad_id,
+                                   fixed_rows=fabric.device.type == "cuda")
+    if fabric.world_size > 1:
+        count = fabric.all_reduce(torch.tensor(len(batches), device=fabric.device), reduce_op=ReduceOp.MAX)
+        nothing = dict(batches[0], labels=torch.full_like(batches[0]["labels"], IGNORE_INDEX))  # adds no target
+        batches += [nothing] * (int(count) - len(batches))
+    return batches
 
 
 @torch.no_grad()

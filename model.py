@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import yaml
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 class InputError(ValueError):
@@ -127,16 +128,23 @@ class GPT(nn.Module):
         # RoPE tables are derived, not learned: non-persistent, rebuilt if the model was made on meta.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # How a packed batch (doc_ids) attends: "flex" (FlexAttention with a block-sparse mask, compiled: the fast
+        # path on CUDA), "varlen" (each document on its own, as flash-attention's varlen kernels do: the fast path on
+        # a CPU, a Python loop over documents), "sdpa" (one dense block-diagonal mask: the reference, any device),
+        # "auto": flex on CUDA, varlen elsewhere.
+        self.document_attention = "auto"
         self.init_weights()
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+                targets: torch.Tensor | None = None, per_token: bool = False,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size): the trunk, then the head.
 
         Without input_pos: a full causal forward over positions 0..T-1.
         With input_pos (T,), increasing: the cache slots of these tokens; keys and values go to the KV cache
-        (see set_kv_cache), so prefill is input_pos = arange(T) and each decode step one slot.
+        (see set_kv_cache), so prefill is input_pos = arange(T) and each decode step one slot. input_pos (B, T):
+        row b's own slots (= positions), so that rows of different lengths decode together (serve.py).
         pad (B,): how many left-padding tokens each row starts with, for batches of prompts of different
         lengths. Row b's real tokens then take RoPE positions from 0 and never see its padding, so each row
         computes what it would alone.
@@ -148,8 +156,11 @@ class GPT(nn.Module):
         per_token (with targets): return each target's log-probability instead, (B, T) in fp32, 0 where the target
         is -100, also a chunk at a time (token_logprobs). Here in forward, not beside it, so that under FSDP the
         head's weight is gathered and under DDP it is seen used.
+        doc_ids (B, T): a packed batch, several documents per row, numbered so that a new number starts a new
+        document (padding as one more). Each token attends only to earlier tokens of its own document, and
+        positions restart at 0 with each document, so every document computes exactly what it computes alone.
         """
-        x = self.trunk(idx, input_pos, pad, last_only)
+        x = self.trunk(idx, input_pos, pad, last_only, doc_ids)
         if targets is not None and per_token:
             return self.token_logprobs(x, targets)
         if targets is not None and (self.lm_head is None or type(self.lm_head) is nn.Linear):
@@ -163,13 +174,13 @@ class GPT(nn.Module):
         return logits
 
     def trunk(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, pad: torch.Tensor | None = None,
-              last_only: bool = False) -> torch.Tensor:
+              last_only: bool = False, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> the final norm's output (B, T, n_embd), what the head reads (arguments as in forward)."""
         B, T = idx.shape
         if self.rope_cos.numel() == 0 or self.rope_cos.is_meta or self.rope_cos.device != idx.device:
             self.init_rope_cache(idx.device)
         if input_pos is None:
-            if T > self.config.block_size:
+            if T > self.config.block_size and doc_ids is None:  # (a packed row may be longer: its documents may not)
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             q_pos = torch.arange(T, device=idx.device)
             k_pos = q_pos
@@ -178,11 +189,34 @@ class GPT(nn.Module):
                 raise RuntimeError("forward with input_pos needs a KV cache: call model.set_kv_cache(batch_size) first")
             q_pos = input_pos
             # Slots past the newest position are empty: leave them out of attention altogether.
-            k_pos = torch.arange(int(input_pos[-1]) + 1, device=idx.device)
-        masks = attention_masks(self.config, q_pos, k_pos, explicit=pad is not None)
-        if pad is None:
+            k_pos = torch.arange(int(input_pos[..., -1].max()) + 1, device=idx.device)
+        if doc_ids is not None:
+            if input_pos is not None or pad is not None:
+                raise ValueError("doc_ids (a packed training batch) goes without input_pos and pad (generation)")
+            positions = document_positions(doc_ids)  # (B, T)
+            if int(positions.max()) >= self.config.block_size:
+                raise ValueError(f"a document of {int(positions.max()) + 1} tokens exceeds block_size "
+                                 f"{self.config.block_size}")
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, r)
+            backend = self.document_attention
+            if backend == "auto":
+                backend = "flex" if idx.is_cuda else "varlen"
+            masks = document_masks(self.config, doc_ids, backend)
+        elif input_pos is not None and input_pos.dim() == 2:
+            # (B, T): each row at its own positions, as a server's slots are (continuous batching, serve.py). A row
+            # sees its own slots up to each query's position only: the slots beyond are a longer neighbour's
+            # positions, or still hold the keys of the request that had the row before.
+            if pad is not None:
+                raise ValueError("input_pos (B, T) gives each row its own positions: it goes without pad")
+            delta = (input_pos[:, :, None] - k_pos)[:, None]  # (B, 1, T, S): how far back each key is from each query
+            window = self.config.sliding_window
+            masks = (delta >= 0, None if window is None else (delta >= 0) & (delta < window))
+            cos, sin = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)  # (B, 1, T, r)
+        elif pad is None:
+            masks = attention_masks(self.config, q_pos, k_pos, explicit=False)
             cos, sin = self.rope_cos[q_pos], self.rope_sin[q_pos]  # (T, rope_n_elem)
         else:
+            masks = attention_masks(self.config, q_pos, k_pos, explicit=True)
             positions = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, r)
             # A padding slot is hidden from every query but itself: a query row with no key at all would
@@ -338,14 +372,24 @@ class Attention(nn.Module):
             k, v = self.kv_cache(input_pos, k, v)  # (B, n_kv_head, max_seq_length, head_dim)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # the filled slots; empty ones would only be masked out
 
-        if self.config.attn_softcap is None:
-            # mask None means plain causal over equal-length q and k: SDPA's fastest path
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=self.scale, enable_gqa=self.config.n_kv_head != self.config.n_head)
+        if isinstance(mask, BlockMask):  # a packed batch on the FlexAttention path (document_masks)
+            y = flex_attention_fn(q.is_cuda)(q, k, v, score_mod=softcap_score(self.config.attn_softcap),
+                                             block_mask=mask, scale=self.scale,
+                                             enable_gqa=self.config.n_kv_head != self.config.n_head)
+        elif isinstance(mask, list):  # a packed batch, a document at a time: (row, start, end, its own mask)
+            y = torch.cat([torch.cat([self.attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], m)
+                                      for row, s, e, m in mask if row == b], dim=2) for b in range(B)])
         else:
-            y = softcapped_attention(q, k, v, mask, self.scale, self.config.attn_softcap)
+            y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.config.n_head * hd)
         return self.o_proj(y)
+
+    def attend(self, q, k, v, mask):
+        if self.config.attn_softcap is not None:
+            return softcapped_attention(q, k, v, mask, self.scale, self.config.attn_softcap)
+        # mask None means plain causal over equal-length q and k: SDPA's fastest path
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              scale=self.scale, enable_gqa=self.config.n_kv_head != self.config.n_head)
 
 
 def softcapped_attention(q, k, v, mask, scale, cap):
@@ -387,6 +431,79 @@ def attention_masks(config: Config, q_pos: torch.Tensor, k_pos: torch.Tensor, ex
     return full, sliding
 
 
+# Packed batches: the one place that says which tokens of a row attend to which. All three paths compute one mask:
+# causal, within a document, and within the window on sliding layers.
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> each token's position in its own document, from 0: the RoPE positions of a packed row."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values  # minus where the token's document began
+
+
+@torch.compiler.disable  # made once per forward, outside any compiled region
+def document_masks(config: Config, doc_ids: torch.Tensor, backend: str):
+    """(full, sliding) masks of a packed batch, as attention_masks gives them for one sequence, for the backend:
+    "sdpa": dense booleans (B, 1, T, T) (True = may attend); "flex": FlexAttention BlockMasks, whose blocks that are
+    masked out entirely (other documents, the far past) are skipped rather than computed and thrown away; "varlen":
+    lists of (row, start, end, mask) spans, one per document, with the mask attention_masks gives a sequence of
+    that length (None: causal)."""
+    B, T = doc_ids.shape
+    window = config.sliding_window
+    if backend == "varlen":
+        spans = ([], [])
+        for b in range(B):
+            lengths = torch.unique_consecutive(doc_ids[b], return_counts=True)[1].tolist()
+            start = 0
+            for n in lengths:
+                n_pos = torch.arange(n, device=doc_ids.device)
+                for spans_of_kind, mask in zip(spans, attention_masks(config, n_pos, n_pos, explicit=False)):
+                    spans_of_kind.append((b, start, start + n, mask))
+                start += n
+        return spans
+    if backend not in ("sdpa", "flex"):
+        raise ValueError(f"document_attention {backend!r}: expected auto, flex, varlen or sdpa")
+
+    def full(b, h, q, k):
+        return (doc_ids[b, q] == doc_ids[b, k]) & (q >= k)
+
+    def sliding(b, h, q, k):
+        return full(b, h, q, k) & (q - k < window)
+
+    mask_mods = (full, sliding if window is not None else None)
+    if backend == "flex":
+        return tuple(m and create_block_mask(m, B, None, T, T, device=doc_ids.device) for m in mask_mods)
+    b, q, k = torch.arange(B)[:, None, None], torch.arange(T)[None, :, None], torch.arange(T)[None, None, :]
+    b, q, k = b.to(doc_ids.device), q.to(doc_ids.device), k.to(doc_ids.device)
+    return tuple(m and m(b, None, q, k)[:, None] for m in mask_mods)
+
+
+def softcap_score(cap: float | None):
+    """Gemma 2's attention softcap as a FlexAttention score_mod (None: no softcap)."""
+    if cap is None:
+        return None
+
+    def score_mod(score, b, h, q, k):
+        return torch.tanh(score / cap) * cap
+    return score_mod
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention_fn(cuda: bool):
+    """FlexAttention is fast only compiled (one kernel, the masked blocks skipped); eager, as on the CPU in tests, it
+    computes the full score matrix: correct, and the reference the compiled kernel is compared with."""
+    global _compiled_flex_attention
+    if not cuda:
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
 class KVCache(nn.Module):
     def __init__(self, batch_size, n_kv_head, max_seq_length, head_dim, device, dtype):
         super().__init__()
@@ -395,6 +512,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def forward(self, input_pos, k, v):
+        if input_pos.dim() == 2:  # (B, T): each row writes its own slots (continuous batching)
+            index = input_pos[:, None, :, None].expand_as(k)  # (B, n_kv_head, T, head_dim)
+            return self.k.scatter_(2, index, k.to(self.k.dtype)), self.v.scatter_(2, index, v.to(self.v.dtype))
         # Slot = absolute position, so the causal mask over slots also hides slots not yet written.
         # (index_copy_ rather than self.k[:, :, input_pos] = k: half the time of index_put on CPU)
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))

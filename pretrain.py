@@ -27,6 +27,7 @@ from tqdm import tqdm
 from checkpoint import (check_state_dict, check_writable_directory, load_config, load_state_dict, read_chunk_index,
                         require, save_checkpoint)
 from model import GPT, Block, Config, InputError, name_to_config, router_aux_loss
+from report import write_run_report
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StopSignal, clip_gradients, device_peak_flops, find_resume_dir, flops_per_token_of,
                       gather_full_state, load_full_state, load_train_state, lr_at, make_loggers, make_optimizer,
@@ -57,6 +58,8 @@ class DataArgs:
     val_dir: str | None = "data/stdlib/val"
     num_workers: int = 1  # loader processes per rank
     shuffle: bool = True
+    # attention confined to each document of a block (bos/eos boundaries, positions restarting), as Llama 3 trains
+    document_mask: bool = False
 
     def __post_init__(self):
         fits = self.weights is None or (len(self.weights) == len(self.train_dirs) and all(w > 0 for w in self.weights))
@@ -193,7 +196,14 @@ def main(fabric, *, model_args: ModelArgs, data: DataArgs, train: TrainArgs, eva
     if not limits:  # the cosine schedule needs an end; --train.max_time alone cannot give one
         raise InputError("set --train.max_steps or --train.max_tokens (at least one step's worth of tokens)")
     max_steps = min(limits)
-    tokenizer_vocab = Tokenizer(tokenizer_dir).vocab_size if tokenizer_dir is not None else 0
+    tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    tokenizer_vocab = tokenizer.vocab_size if tokenizer is not None else 0
+    boundaries = None  # (bos, eos) ids that separate the documents of a block, with --data.document_mask
+    if data.document_mask:
+        if tokenizer is None or tokenizer.bos_id is None and tokenizer.eos_id is None:
+            raise InputError("--data.document_mask needs --tokenizer_dir with a bos or eos token: they mark where "
+                             "the documents of a block begin and end")
+        boundaries = (tokenizer.bos_id, tokenizer.eos_id)
     if tokenizer_vocab > config.vocab_size:
         raise InputError(f"{tokenizer_dir}: the tokenizer has {tokenizer_vocab} tokens, "
                          f"more than the model's vocab_size {config.vocab_size}")
@@ -248,10 +258,12 @@ def main(fabric, *, model_args: ModelArgs, data: DataArgs, train: TrainArgs, eva
         for micro in range(accum_steps):
             batch = next(train_iter)
             x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
+            doc_ids = document_ids(x, *boundaries) if boundaries else None
             with fabric.no_backward_sync(model, enabled=micro < accum_steps - 1):
                 # Full blocks, every token a target: the mean per micro-batch divided by the number of
-                # micro-batches is the mean over the whole optimizer step.
-                loss = forward(x, targets=y) / y.numel() / accum_steps
+                # micro-batches is the mean over the whole optimizer step. With document masks too: a document's
+                # last token (eos) still has the next one's first (bos) as its target, which it learns to predict.
+                loss = forward(x, targets=y, doc_ids=doc_ids) / y.numel() / accum_steps
                 aux = router_aux_loss(raw_model)  # an MoE model's load-balancing loss; None for a dense one
                 if aux is not None:
                     aux = aux / accum_steps
@@ -279,7 +291,7 @@ def main(fabric, *, model_args: ModelArgs, data: DataArgs, train: TrainArgs, eva
                    tokens_per_sec=tokens_per_sec, router_aux_loss=aux_loss,
                    mfu=tokens_per_sec * flops_per_token / (peak * fabric.world_size) if peak else None)
         if val_loader is not None and (step % eval.interval == 0 or last_step):
-            row["val_loss"] = validate(fabric, forward, val_loader, eval.max_batches)
+            row["val_loss"] = validate(fabric, forward, val_loader, eval.max_batches, boundaries)
         progress.update(1)
         progress.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if row["val_loss"] else {}),
                              tok_s=f"{tokens_per_sec:,.0f}")
@@ -307,6 +319,7 @@ def main(fabric, *, model_args: ModelArgs, data: DataArgs, train: TrainArgs, eva
     save_checkpoint_dir(fabric, out_dir / "final", raw_model=raw_model, optimizer=optimizer, train_loader=train_loader,
                         state=state, config=config, tokenizer_dir=tokenizer_dir, run_args=run_args, with_state=False)
     fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    write_run_report(out_dir, enabled=fabric.global_rank == 0)  # out_dir/report.png: the run's metrics drawn
 
 
 def batches_forever(loader):
@@ -316,15 +329,25 @@ def batches_forever(loader):
         yield from loader
 
 
+def document_ids(tokens: torch.Tensor, bos_id: int | None, eos_id: int | None) -> torch.Tensor:
+    """(B, T) token ids of blocks -> (B, T) document ids for model(doc_ids=): a document begins at each bos and after
+    each eos (prepare_text writes every document as bos ... eos; a block cuts through them anywhere)."""
+    starts = tokens == bos_id if bos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+    if eos_id is not None:
+        starts[:, 1:] |= tokens[:, :-1] == eos_id
+    return starts.cumsum(dim=1)
+
+
 @torch.no_grad()
-def validate(fabric, forward, val_loader, max_batches: int) -> float:
+def validate(fabric, forward, val_loader, max_batches: int, boundaries: tuple | None) -> float:
     forward.eval()
     losses = []
     for i, batch in enumerate(val_loader):
         if i >= max_batches:
             break
         x, y = batch[:, :-1].to(fabric.device), batch[:, 1:].to(fabric.device).long()
-        losses.append(forward(x, targets=y) / y.numel())
+        doc_ids = document_ids(x, *boundaries) if boundaries else None
+        losses.append(forward(x, targets=y, doc_ids=doc_ids) / y.numel())
     forward.train()
     return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
 

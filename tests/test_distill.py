@@ -535,13 +535,14 @@ def distill_loader_ids(root: str, out: str) -> None:
     data = DataArgs(train_dirs=[str(root / "train")], val_dir=None, num_workers=1)
     train = TrainArgs(global_batch_size=8, micro_batch_size=4)
     train_set, _ = make_datasets(fabric, data, config, None, train)  # chunks: no tokenizer needed
-    ids = dict(chunks=block_ids(make_train_loader(fabric, train_set, data, train)))
+    ids = dict(chunks=block_ids(make_train_loader(fabric, train_set, data, train, config.block_size)))
     cache_dirs, K = open_teacher_topk(root / "cache", root / "teacher", data, config, VOCAB, train.seed)
     assert K == 4
     cached = make_cached_loader(fabric, cache_dirs, data, train.micro_batch_size, train.seed)
     ids["cached"] = block_ids(batch["input_ids"] for batch in cached)
-    sft = make_train_loader(fabric, NumberedExamples(64), DataArgs(format="sft"), train)
-    ids["sft"] = block_ids(batch["input_ids"] for batch in itertools.islice(sft, 64 // 8))  # an epoch of 8 steps
+    sft = make_train_loader(fabric, NumberedExamples(64), DataArgs(format="sft"), train, config.block_size)
+    steps = itertools.islice(sft, 64 // 8)  # an epoch of 8 steps, each a list of micro-batches
+    ids["sft"] = block_ids(batch["input_ids"] for step in steps for batch in step)
     Path(out).write_text(json.dumps(ids))
 
 
