@@ -184,6 +184,7 @@ def test_pretrain_writes_metrics_checkpoints_and_a_final_model(straight_run):
         args = json.loads(f.metadata()["args"])
     assert args["train"]["max_steps"] == 36 and args["model"]["name"] == "tiny-test"
     assert (straight_run / "final" / "tokenizer.json").is_file()
+    assert (straight_run / "report.png").stat().st_size > 0  # the run's metrics drawn at its end (report.py)
 
 
 def test_continued_pretraining_starts_from_the_checkpoint(tiny_data, straight_run, tmp_path):

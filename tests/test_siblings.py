@@ -19,6 +19,7 @@ SUPERVISED = ("finetune_full.py", "finetune_lora.py", "align.py")  # the scripts
 COPIES = [
     (FINETUNE, ["METRICS", "DataArgs", "TrainArgs.__post_init__", "EvalArgs", "CheckpointArgs", "step_loss",
                 "validate", "generate_sample", "load_data"]),
+    (("finetune_full.py", "finetune_lora.py", "distill.py"), ["make_micro_batches"]),
     (CHUNKS, ["TrainArgs.__post_init__", "EvalArgs", "batches_forever"]),
     (TRAINING, ["CheckpointArgs"]),
     (SUPERVISED, ["TrainArgs.__post_init__", "EvalArgs", "generate_sample"]),
@@ -27,17 +28,18 @@ COPIES = [
 FIELDS = [(SUPERVISED, "TrainArgs"), (CHUNKS, "TrainArgs")]
 # Statements inside the functions, the same in every training script: the resolved arguments that every checkpoint's
 # metadata carries, and how the loop stops a run: --train.max_time, and SIGUSR1 (SLURM's warning before its time
-# limit: checkpoint after the step, requeue the job, return)
+# limit: checkpoint after the step, requeue the job, return); and the report each run draws at its end
 STATEMENTS = [
     (TRAINING, ["run_args = ...", "out_of_time = ...", "if out_of_time: ...", "stop_signal = ...", "stop = ...",
-                "if step % ckpt.interval == 0 or last_step or out_of_time or stop", "if stop: ..."]),
+                "if step % ckpt.interval == 0 or last_step or out_of_time or stop", "if stop: ...",
+                "write_run_report(...)"]),
 ]
 
 
 def pieces(script: str) -> dict[str, str]:
     """Each top-level function, class, method (as Class.method) and constant of a script: its source text, decorators
-    included; a statement of any function (as `name = ...` or `if test: ...`) the same way, dedented, and an if's
-    condition alone (as `if test`)."""
+    included; a statement of any function (as `name = ...`, `if test: ...` or `call(...)`) the same way, dedented,
+    and an if's condition alone (as `if test`)."""
     source = (ROOT / script).read_text()
     lines = source.splitlines()
     found = {}
@@ -62,11 +64,13 @@ def pieces(script: str) -> dict[str, str]:
                 found.setdefault(f"if {ast.unparse(node.test)}", ast.unparse(node.test))  # the condition alone
             elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 found.setdefault(f"{node.targets[0].id} = ...", text(node))
+            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):  # a call on its own, as `f(...)`
+                found.setdefault(f"{ast.unparse(node.value.func)}(...)", text(node))
     return found
 
 
 @pytest.mark.parametrize("scripts,names", COPIES + STATEMENTS,
-                         ids=["finetune", "chunks", "training", "supervised", "stopping"])
+                         ids=["finetune", "micro_batches", "chunks", "training", "supervised", "stopping"])
 def test_deliberate_copies_stay_identical(scripts, names):
     sources = {script: pieces(script) for script in scripts}
     first = scripts[0]
