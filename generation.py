@@ -33,6 +33,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) ->
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # drop a token when the tokens before it already reach top_p
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[..., 0] = False  # the most likely token, even at top_p 0 (where nothing before it "reaches" 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

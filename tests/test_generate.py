@@ -57,7 +57,7 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert torch.equal(kept.nonzero()[:, 1].view(3, 5).sort().values, logits.topk(5).indices.sort().values)
 
 
-@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("top_p", [0.0, 0.05, 0.5, 0.9, 0.999])  # 0: the most likely token alone
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
     torch.manual_seed(1)
     logits = torch.randn(4, 30) * 2
