@@ -7,6 +7,7 @@ an SFT result) to the same checkpoint format.
     python align.py --config config_hub/align_simpo.yaml --lora.r 16 --lora.targets '[q,k,v,o]'   # SimPO, LoRA
     python align.py --config config_hub/align_dpo.yaml --precompute_reference true                # reference once
     python align.py --config config_hub/align_dpo.yaml --devices 8 --strategy ddp                 # 8 GPUs
+    python align.py --config config_hub/align_dpo.yaml --devices 8 --strategy fsdp    # 8 GPUs, policy and copy sharded
 
 Data: JSON/JSONL records {"prompt", "chosen", "rejected"} (or {"prompt", "completion", "label"} for KTO), strings or
 chat messages, rendered with the model's chat template as SFT renders them (pref_data.py). Each step puts a micro-
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.strategies import ModelParallelStrategy
 import torch
 import torch.nn.functional as F
 from jsonargparse import CLI
@@ -42,11 +44,12 @@ from tqdm import tqdm
 
 from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_lora,
                         load_lora_config, load_lora_model, load_model, load_state_dict, require, save_checkpoint,
-                        save_lora, weights_dtype)
+                        save_lora, compute_dtype, weights_dtype)
 from generation import generate
 from model import (GPT, IGNORE_INDEX, Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_disabled,
                    lora_summary, merge_lora)
 from pref_data import collate_preferences, load_preference_data
+from report import write_run_report
 from sft_data import encode_prompt, resolve_style
 from tokenizer import Tokenizer
 from training import (MetricsCSV, StepSampler, StopSignal, clip_gradients, find_resume_dir, gather_full_state,
@@ -224,6 +227,7 @@ def setup(
     quantize: str | None = None,
     reference: str = "auto",
     reference_dir: Path | None = None,
+    reference_quantize: str | None = None,
     precompute_reference: bool = False,
     out_dir: Path = Path("out/align"),
     resume: str | None = None,
@@ -249,6 +253,8 @@ def setup(
         reference: copy (a frozen copy of reference_dir), base (with lora: the base alone, the adapter switched
             off; no second copy), or auto (base with lora, else copy). Unused by simpo and orpo.
         reference_dir: the reference checkpoint for copy; default checkpoint_dir.
+        reference_quantize: with copy: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq or bnb.int8 quantises the frozen copy
+            (nf4: about a quarter of its float32 memory; its log-probs move by the quantisation error).
         precompute_reference: run the reference once over the data before training and keep its log-probs in
             out_dir/reference_logps.safetensors (reused on resume), instead of a forward pass at every step.
         out_dir: where checkpoints, metrics.csv and final/ go.
@@ -256,7 +262,7 @@ def setup(
         devices: devices per node.
         num_nodes: nodes (SLURM sets the rest).
         precision: 32-true, bf16-mixed, bf16-true or 16-mixed.
-        strategy: auto (one device) or ddp.
+        strategy: auto (one device), ddp, or fsdp (FSDP2, fully_shard per Block; a reference copy sharded too).
         activation_checkpointing: recompute each Block in the backward pass to save memory.
         logger: csv (always written), plus tensorboard or wandb when named.
         fast_dev_run: a few steps with validation and a checkpoint, to smoke-test a config before a long run.
@@ -271,7 +277,10 @@ def setup(
             f"one of {', '.join(QUANTIZE_MODES)}")
     require(quantize is None or lora is not None or starts_from_adapter, "--quantize", quantize,
             "--lora too: a quantised base is frozen")
-    require(strategy in ("auto", "ddp"), "--strategy", repr(strategy), "auto or ddp (FSDP2 is not supported yet)")
+    require(reference_quantize is None or reference_quantize in QUANTIZE_MODES, "--reference_quantize",
+            repr(reference_quantize), f"one of {', '.join(QUANTIZE_MODES)}")
+    require(not (strategy == "fsdp" and (quantize or reference_quantize)), "--strategy", "fsdp",
+            "no --quantize or --reference_quantize: FSDP cannot shard bitsandbytes layers (use ddp)")
     require(not (precompute_reference and loss.type == "kto"), "--precompute_reference", "true",
             "not with --loss.type kto, whose KL estimate pairs completions as batches fall")
     if fast_dev_run:
@@ -284,16 +293,16 @@ def setup(
     fabric.launch()
     main(fabric, checkpoint_dir=Path(checkpoint_dir), data=data, loss=loss, train=train, eval=eval, ckpt=checkpoint,
          lora=lora, quantize=quantize, reference=reference, reference_dir=Path(reference_dir or checkpoint_dir),
-         precompute_reference=precompute_reference, out_dir=Path(out_dir), resume=resume, precision=precision,
-         activation_checkpointing=activation_checkpointing, run_args=run_args)
+         reference_quantize=reference_quantize, precompute_reference=precompute_reference, out_dir=Path(out_dir),
+         resume=resume, precision=precision, activation_checkpointing=activation_checkpointing, run_args=run_args)
     for logger in fabric.loggers:  # TensorBoard writes out and closes its event file
         logger.finalize("success")
 
 
 def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train: TrainArgs, eval: EvalArgs,
          ckpt: CheckpointArgs, lora: LoRAConfig | None, quantize: str | None, reference: str, reference_dir: Path,
-         precompute_reference: bool, out_dir: Path, resume: str | None, precision: str, activation_checkpointing: bool,
-         run_args: dict) -> None:
+         reference_quantize: str | None, precompute_reference: bool, out_dir: Path, resume: str | None, precision: str,
+         activation_checkpointing: bool, run_args: dict) -> None:
     # A LoRA directory (an SFT adapter) to start from: its base with the adapter on top, and the adapter trains on
     base_dir, start_adapter = checkpoint_dir, (checkpoint_dir / LORA_CONFIG).is_file()
     if start_adapter:
@@ -347,9 +356,15 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
     if needs_reference and reference == "base" and start_adapter:
         raise InputError(f"--reference base: {checkpoint_dir} is an adapter, and its base alone is not the model "
                          "being aligned; use --reference copy")
+    if reference_quantize and not (needs_reference and reference == "copy"):
+        raise InputError(f"--reference_quantize quantises a frozen copy; this run's reference is "
+                         f"{reference if needs_reference else 'none (' + loss.type + ')'}")
     reference_model = None
     if needs_reference and reference == "copy":
-        reference_model = load_frozen(reference_dir, fabric.device, weights_dtype(precision))
+        # under FSDP on the CPU first, then sharded like the policy below; else straight to the device
+        sharded = isinstance(fabric.strategy, ModelParallelStrategy)
+        reference_model = load_frozen(reference_dir, "cpu" if sharded else fabric.device, weights_dtype(precision),
+                                      reference_quantize, compute_dtype(precision))
         if {**asdict(reference_model.config), "name": ""} != {**asdict(config), "name": ""}:
             raise InputError(f"--reference_dir {reference_dir}: another model ({reference_model.config.name}) than "
                              f"--checkpoint_dir {checkpoint_dir} ({config.name}); the reference must score the same "
@@ -367,8 +382,11 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
     seed_ranks(fabric, train.seed)  # the weights are made: from here on each rank draws its own dropout masks
     model = fabric.setup_module(model)
     raw_model = model.module  # unwrapped: its parameter names carry no wrapper prefix, in groups and checkpoints
+    # after setup: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold
     optimizer = fabric.setup_optimizers(make_optimizer(raw_model, train.lr, train.weight_decay, train.betas,
                                                        fabric.device))
+    if reference_model is not None and sharded:  # each rank holds 1/world of the copy, gathered Block by Block
+        reference_model = fabric.setup_module(reference_model)
     # batch -> the reference's summed log-probs of its rows, and their token counts: a frozen copy's forward pass, or
     # the policy's own with its adapter switched off
     score_reference = None
@@ -381,7 +399,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
     if needs_reference and precompute_reference:
         precomputed = load_or_compute_reference(fabric, out_dir / "reference_logps.safetensors", score_reference,
                                                 {"train": train_set, "val": val_set}, train.micro_batch_size,
-                                                max_seq_length, reference, reference_dir)
+                                                max_seq_length, reference, reference_dir, reference_quantize)
         reference_model = None  # its log-probs are all kept: free its memory
 
     state = dict(step=0, tokens=0, train_time=0.0)
@@ -477,6 +495,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
     save_checkpoint_dir(fabric, out_dir / "final", raw_model, optimizer, sampler, state, config=config, lora=lora,
                         base_dir=base_dir, tokenizer_dir=tokenizer_dir, run_args=run_args, with_state=False)
     fabric.print(f"final checkpoint: {out_dir / 'final'}")
+    write_run_report(out_dir, enabled=fabric.global_rank == 0)  # out_dir/report.png: the run's metrics drawn
     if fabric.device.type == "cuda":
         fabric.print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(fabric.device) / 2**30:.2f} GiB")
 
@@ -591,12 +610,13 @@ def validate(fabric, model, val_set, micro_batch_size: int, max_batches: int | N
 # ---- the reference's log-probs, once ------------------------------------------------------------------------------
 
 def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dict, micro_batch_size: int,
-                              max_seq_length: int, reference: str, reference_dir: Path) -> dict[str, torch.Tensor]:
+                              max_seq_length: int, reference: str, reference_dir: Path,
+                              reference_quantize: str | None) -> dict[str, torch.Tensor]:
     """split -> (examples, 2) float32: the reference's summed log-probs of each pair's chosen and rejected
     completion, read from path when a run with the same reference and data wrote it, else computed (each rank a
     share of the examples) and written there by rank 0."""
     fingerprint = json.dumps({"reference": reference, "reference_dir": str(Path(reference_dir).resolve()),
-                              "max_seq_length": max_seq_length,
+                              "reference_quantize": reference_quantize, "max_seq_length": max_seq_length,
                               **{split: data_fingerprint(ds) for split, ds in datasets.items()}})
     if path.is_file():
         try:
@@ -614,12 +634,16 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
     for split, dataset in datasets.items():
         table = torch.zeros(len(dataset), 2, device=fabric.device)
         mine = list(range(fabric.global_rank, len(dataset), fabric.world_size))
-        for start in tqdm(range(0, len(mine), micro_batch_size), disable=fabric.global_rank != 0,
+        # As many passes on every rank (under FSDP each forward is a collective): one out of examples scores example
+        # 0 again and drops it
+        passes = -(-len(range(0, len(dataset), fabric.world_size)) // micro_batch_size)
+        for start in tqdm(range(0, passes * micro_batch_size, micro_batch_size), disable=fabric.global_rank != 0,
                           desc=f"reference log-probs ({split})", dynamic_ncols=True):
             ids = mine[start:start + micro_batch_size]
-            batch = collate_preferences([dataset[i] for i in ids], dataset.pad_id, max_seq_length)
+            batch = collate_preferences([dataset[i] for i in ids or [0]], dataset.pad_id, max_seq_length)
             logps = score_reference(batch)[0]  # (under no_grad: both reference functions are)
-            table[ids] = torch.stack([logps[:len(ids)], logps[len(ids):]], dim=1)
+            if ids:
+                table[ids] = torch.stack([logps[:len(ids)], logps[len(ids):]], dim=1)
         tables[split] = fabric.all_reduce(table, reduce_op="sum").cpu()  # each example filled by one rank
     if fabric.global_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -642,13 +666,19 @@ def data_fingerprint(dataset) -> str:
 
 # ---- data, samples, checkpoints --------------------------------------------------------------------------------------
 
-def load_frozen(checkpoint_dir: Path, device, dtype) -> GPT:
-    """A checkpoint, or an adapter merged into its base, frozen in eval mode: a reference model."""
+def load_frozen(checkpoint_dir: Path, device, dtype, quantize: str | None = None,
+                compute_dtype: torch.dtype | None = None) -> GPT:
+    """A checkpoint, or an adapter merged into its base, frozen in eval mode: a reference model. quantize: its
+    projections then packed by bitsandbytes (quantize.MODES) on the device, 4-bit ones computing in compute_dtype."""
+    load_on = "cpu" if quantize else device  # the float weights stay on the CPU; only the packed ones go to device
     if (checkpoint_dir / LORA_CONFIG).is_file():
-        model, _ = load_lora_model(checkpoint_dir, device=device, dtype=dtype)
-        merge_lora(model)
+        model, _ = load_lora_model(checkpoint_dir, device=load_on, dtype=dtype)
+        merge_lora(model)  # before quantising: an adapter cannot be folded into packed weights
     else:
-        model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        model = load_model(checkpoint_dir, device=load_on, dtype=dtype)
+    if quantize:
+        from quantize import quantize_model  # bitsandbytes only when asked for
+        quantize_model(model, quantize, compute_dtype=compute_dtype, device=device).to(device)
     return model.requires_grad_(False).eval()
 
 

@@ -369,7 +369,8 @@ def flops_per_token_of(model: GPT, config: Config, seq_len: int) -> float:
 
 # Dense tensor-core peaks (FLOP/s) from NVIDIA's data sheets, sparsity excluded: (bf16/fp16, tf32, plain fp32)
 GPU_PEAK_FLOPS = {"H200": (989e12, 495e12, 67e12), "H100 PCIe": (756e12, 378e12, 51e12),
-                  "H100": (989e12, 495e12, 67e12), "A100": (312e12, 156e12, 19.5e12),
+                  "H100 NVL": (835e12, 418e12, 60e12), "H100": (989e12, 495e12, 67e12),
+                  "A100": (312e12, 156e12, 19.5e12),
                   "L40S": (362e12, 183e12, 91.6e12), "4090": (165e12, 82.6e12, 82.6e12)}
 
 
@@ -378,7 +379,7 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float | Non
 
     GPU: the data-sheet table, in the precision's rate (fp32 matmuls run at the TF32 rate when torch allows TF32,
     as the scripts do with set_float32_matmul_precision("high")); an unlisted GPU has none (pass --peak_flops).
-    CPU: the larger of a measured 2048^3 matmul (best of several; the CPU's practical peak) and the nominal
+    CPU: the larger of a measured matmul (up to 2048^3, best of several; the CPU's practical peak) and the nominal
     cores x clock x FLOPs per cycle. A matmul timed while other work shares the cores measures too little, and MFU
     came out above 1 in a busy start; the nominal figure is a floor that no busy moment lowers."""
     half = precision.startswith(("bf16", "16"))
@@ -392,17 +393,24 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float | Non
         return peak, f"{name} data sheet, {'bf16' if half else 'tf32' if tf32 else 'fp32'} dense"
     if device.type != "cpu":
         return None, f"{device.type}: no peak known; pass --peak_flops"
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16 if half else torch.float32)
-    a @ a  # warm up
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    measured = 2 * 2048**3 / best
+    # Up to 2048^3, smaller where one matmul of the next size would take over 0.25 s: bf16 on a CPU without
+    # AVX512-BF16 runs ~100x slower than fp32, and six 2048^3 products then took minutes before the first step.
+    n = 512
+    while True:
+        a = torch.randn(n, n, dtype=torch.bfloat16 if half else torch.float32)
+        a @ a  # warm up
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        if n == 2048 or best * 8 > 0.25:
+            break
+        n *= 2
+    measured = 2 * n**3 / best
     nominal, how = cpu_nominal_flops(half)
     peak = max(measured, nominal)
-    return peak, f"CPU, max of a 2048^3 matmul ({measured / 1e9:,.0f} GFLOP/s) and nominal {how}"
+    return peak, f"CPU, max of a {n}^3 matmul ({measured / 1e9:,.0f} GFLOP/s) and nominal {how}"
 
 
 def cpu_nominal_flops(half: bool) -> tuple[float, str]:

@@ -218,6 +218,12 @@ def test_identical_chosen_and_rejected_are_dropped_and_counted(tiny, tmp_path):
     (["--precompute_reference", "true", "--loss.type", "kto", "--data.train_files", "{kto}"],
      "--precompute_reference true: expected not with --loss.type kto"),
     (["--data.max_seq_length", "65"], "--data.max_seq_length 65 exceeds the model's block_size 64"),
+    (["--reference_quantize", "nf4"], "--reference_quantize 'nf4': expected one of bnb.nf4"),
+    (["--reference_quantize", "bnb.nf4", "--lora.r", "4"], "--reference_quantize quantises a frozen copy; this "
+                                                           "run's reference is base"),
+    (["--reference_quantize", "bnb.nf4", "--loss.type", "simpo"], "this run's reference is none (simpo)"),
+    (["--strategy", "fsdp", "--reference_quantize", "bnb.nf4"], "--strategy fsdp: expected no --quantize or "
+                                                                "--reference_quantize"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny, tmp_path, flags, message):
     flags = [f.format(kto=tiny / "kto.jsonl") for f in flags]
@@ -262,7 +268,7 @@ def test_the_three_references_give_the_same_loss(tiny, tmp_path):
         copied = align.sequence_logps(fabric, copy, batch)[0]
     table = align.load_or_compute_reference(fabric, tmp_path / "ref.safetensors",
                                             lambda b: align.reference_logps_of_base(fabric, policy, b),
-                                            {"train": train, "val": val}, 2, BLOCK, "base", tiny / "base")
+                                            {"train": train, "val": val}, 2, BLOCK, "base", tiny / "base", None)
     precomputed = torch.cat([table["train"][ids, 0], table["train"][ids, 1]])
     torch.testing.assert_close(off, copied, rtol=0, atol=1e-5)
     torch.testing.assert_close(precomputed, off, rtol=0, atol=1e-5)
@@ -273,6 +279,23 @@ def test_the_three_references_give_the_same_loss(tiny, tmp_path):
                                                                                                  precomputed)]
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(losses[2], losses[0], rtol=0, atol=1e-5)
+
+
+def test_a_quantised_reference_copy_is_packed_and_scores_near_the_float_one(tiny, tmp_path):
+    """--reference_quantize: the frozen copy's projections are bitsandbytes layers, and its log-probs differ from the
+    float copy's by the quantisation error only, so step 0 is close to DPO's ln 2 but not exactly at it."""
+    from bitsandbytes.nn import Linear4bit
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    packed = align.load_frozen(tiny / "base", fabric.device, torch.float32, "bnb.nf4", torch.float32)
+    assert isinstance(packed.layers[0].attn.q_proj, Linear4bit) and not packed.training
+    train, _, _ = load_preference_data(tiny / "pairs.jsonl", Tokenizer(tiny / "base"), max_seq_length=BLOCK)
+    batch = collate_preferences(train.examples[:4], train.pad_id, BLOCK)
+    float_logps = align.reference_logps_of_copy(fabric, align.load_frozen(tiny / "base", "cpu", torch.float32), batch)
+    nf4_logps = align.reference_logps_of_copy(fabric, packed, batch)
+    assert 0 < (nf4_logps[0] - float_logps[0]).abs().max() < 0.05 * float_logps[0].abs().max()
+    rows = run(tiny, tmp_path / "out", "--train.max_steps", "1", "--reference_quantize", "bnb.nf4")
+    assert float(rows[0]["train_loss"]) == pytest.approx(math.log(2), abs=0.05)
+    assert float(rows[0]["train_loss"]) != pytest.approx(math.log(2), abs=1e-6)
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------------
@@ -392,16 +415,18 @@ def test_the_policy_learns_to_prefer_the_chosen(tiny, tmp_path, precision, loss,
 
 
 @pytest.mark.slow  # Fabric starts two processes (gloo): ~1 min
-@pytest.mark.parametrize("extra", [[], ["--lora.r", "4", "--lora.dropout", "0"], ["--precompute_reference", "true"]],
-                         ids=["full-copy", "lora-base", "full-precomputed"])
-def test_two_processes_match_one(tiny, tmp_path, extra):
+@pytest.mark.parametrize("strategy,extra", [
+    ("ddp", []), ("ddp", ["--lora.r", "4", "--lora.dropout", "0"]), ("ddp", ["--precompute_reference", "true"]),
+    ("fsdp", []), ("fsdp", ["--lora.r", "4", "--lora.dropout", "0", "--precompute_reference", "true"])],
+    ids=["ddp-full-copy", "ddp-lora-base", "ddp-full-precomputed", "fsdp-full-copy", "fsdp-lora-base-precomputed"])
+def test_two_processes_match_one(tiny, tmp_path, strategy, extra):
     """2 ranks with 1 micro-batch of 2 pairs each against 1 rank accumulating 2: the same pairs per step, so the
     numbers agree only if each pair weighs 1 / (pairs of the step) on every rank (and the precomputed table is
-    filled by both ranks' shares)."""
+    filled by both ranks' shares). Under FSDP2 the policy and the reference copy are sharded over the ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, devices in (("one", "1"), ("two", "2")):
         result = subprocess.run([sys.executable, "align.py", *args_of(tiny, tmp_path / out, *extra, "--devices",
-                                                                      devices, "--strategy", "ddp")],
+                                                                      devices, "--strategy", strategy)],
                                 capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (list(csv.DictReader(open(tmp_path / d / "metrics.csv", newline=""))) for d in ("one", "two"))
