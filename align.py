@@ -360,9 +360,9 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
         raise InputError(f"--reference_quantize quantises a frozen copy; this run's reference is "
                          f"{reference if needs_reference else 'none (' + loss.type + ')'}")
     reference_model = None
+    sharded = isinstance(fabric.strategy, ModelParallelStrategy)  # FSDP2: a reference copy is sharded too
     if needs_reference and reference == "copy":
         # under FSDP on the CPU first, then sharded like the policy below; else straight to the device
-        sharded = isinstance(fabric.strategy, ModelParallelStrategy)
         reference_model = load_frozen(reference_dir, "cpu" if sharded else fabric.device, weights_dtype(precision),
                                       reference_quantize, compute_dtype(precision))
         if {**asdict(reference_model.config), "name": ""} != {**asdict(config), "name": ""}:
