@@ -42,12 +42,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_lora,
-                        load_lora_config, load_lora_model, load_model, load_state_dict, require, save_checkpoint,
-                        save_lora, compute_dtype, weights_dtype)
+from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, check_state_dict, check_writable_directory, load_config, load_frozen,
+                        load_lora, load_lora_config, load_model, load_state_dict, require, save_checkpoint, save_lora,
+                        compute_dtype, weights_dtype)
 from generation import generate
-from model import (GPT, IGNORE_INDEX, Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_disabled,
-                   lora_summary, merge_lora)
+from model import (IGNORE_INDEX, Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_disabled,
+                   lora_summary)
 from pref_data import collate_preferences, load_preference_data
 from report import write_run_report
 from sft_data import encode_prompt, resolve_style
@@ -665,22 +665,6 @@ def data_fingerprint(dataset) -> str:
 
 
 # ---- data, samples, checkpoints --------------------------------------------------------------------------------------
-
-def load_frozen(checkpoint_dir: Path, device, dtype, quantize: str | None = None,
-                compute_dtype: torch.dtype | None = None) -> GPT:
-    """A checkpoint, or an adapter merged into its base, frozen in eval mode: a reference model. quantize: its
-    projections then packed by bitsandbytes (quantize.MODES) on the device, 4-bit ones computing in compute_dtype."""
-    load_on = "cpu" if quantize else device  # the float weights stay on the CPU; only the packed ones go to device
-    if (checkpoint_dir / LORA_CONFIG).is_file():
-        model, _ = load_lora_model(checkpoint_dir, device=load_on, dtype=dtype)
-        merge_lora(model)  # before quantising: an adapter cannot be folded into packed weights
-    else:
-        model = load_model(checkpoint_dir, device=load_on, dtype=dtype)
-    if quantize:
-        from quantize import quantize_model  # bitsandbytes only when asked for
-        quantize_model(model, quantize, compute_dtype=compute_dtype, device=device).to(device)
-    return model.requires_grad_(False).eval()
-
 
 def load_data(fabric, data: DataArgs, tokenizer: Tokenizer, max_seq_length: int, block_size: int, seed: int):
     if not data.train_files:

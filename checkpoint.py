@@ -27,7 +27,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import Config, GPT, InputError, LoRAConfig, add_lora, is_lora_key, lora_state_dict
+from model import Config, GPT, InputError, LoRAConfig, add_lora, is_lora_key, lora_state_dict, merge_lora
 
 # --precision (Fabric's names) -> the dtype a checkpoint's weights are loaded in: float32 under the mixed precisions,
 # whose autocast computes in the half type
@@ -383,3 +383,20 @@ def load_lora_model(lora_dir: str | Path, device: str | torch.device = "cpu", dt
         raise InputError(f"{Path(lora_dir) / LORA_CONFIG}: {e}") from None
     load_lora(model, lora_dir)
     return model, base_dir
+
+
+def load_frozen(checkpoint_dir: str | Path, device, dtype, quantize: str | None = None,
+                compute_dtype: torch.dtype | None = None) -> GPT:
+    """A checkpoint, or an adapter merged into its base, frozen in eval mode: a reference model. quantize: its
+    projections then packed by bitsandbytes (quantize.MODES) on the device, 4-bit ones computing in compute_dtype."""
+    checkpoint_dir = Path(checkpoint_dir)
+    load_on = "cpu" if quantize else device  # the float weights stay on the CPU; only the packed ones go to device
+    if (checkpoint_dir / LORA_CONFIG).is_file():
+        model, _ = load_lora_model(checkpoint_dir, device=load_on, dtype=dtype)
+        merge_lora(model)  # before quantising: an adapter cannot be folded into packed weights
+    else:
+        model = load_model(checkpoint_dir, device=load_on, dtype=dtype)
+    if quantize:
+        from quantize import quantize_model  # bitsandbytes only when asked for
+        quantize_model(model, quantize, compute_dtype=compute_dtype, device=device).to(device)
+    return model.requires_grad_(False).eval()

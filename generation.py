@@ -13,13 +13,24 @@ from model import GPT, MLP, Attention, InputError, linear
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, vocab_size) of the next token -> token ids (B,). temperature 0 is greedy (argmax)."""
+           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """logits (B, vocab_size) of the next token -> token ids (B,). temperature 0 is greedy (argmax).
+    generator: one for the batch, or a list of one per row, where consecutive rows holding the same generator draw
+    together from it (a row's draws then depend on its generator alone, not on which other rows share the batch)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    tokens, start = torch.empty(len(probs), dtype=torch.long, device=probs.device), 0
+    while start < len(probs):
+        end = start + 1
+        while end < len(probs) and generator[end] is generator[start]:
+            end += 1
+        tokens[start:end] = torch.multinomial(probs[start:end], num_samples=1, generator=generator[start]).squeeze(-1)
+        start = end
+    return tokens
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
@@ -148,10 +159,18 @@ class HugePageArena:
 @torch.inference_mode()
 def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float = 1.0, stop_ids: list[int] = (),
-                    generator: torch.Generator | None = None, pad_id: int = 0,
-                    max_seq_length: int | None = None, cached_prefix: int = 0) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | list[torch.Generator] | None = None, pad_id: int = 0,
+                    max_seq_length: int | None = None, cached_prefix: int = 0,
+                    logprobs: list | None = None, group_size: int = 1) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), once per step, until every row has produced a stop id or
     max_new_tokens. Rows that have stopped keep yielding their stop id, which callers drop.
+
+    logprobs: a list to which each step appends its tokens' log-probabilities (B,) float32 under
+    softmax(logits / temperature), before top-k/top-p filtering (the distribution a trainer scores them under;
+    temperature 0: the plain softmax). RL keeps them to compare with its own scoring.
+
+    group_size > 1: the prompts come in runs of group_size identical ones (RL samples a prompt G times): each run's
+    prompt is prefilled once and its KV cache copied to the run's rows, a G-th of the prefill's work.
 
     Slot t of the KV cache holds the t-th token of the left-padded batch. cached_prefix > 0 (one prompt,
     a cache of max_seq_length slots already set): the cache holds that many leading prompt tokens from an
@@ -171,19 +190,34 @@ def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *
     cache = model.layers[0].attn.kv_cache
     if cached_prefix and (len(prompts) != 1 or cache is None or cache.k.shape[2] != max_seq_length):
         raise ValueError("cached_prefix needs one prompt and the KV cache of an earlier call of the same size")
+    shared = group_size > 1 and not cached_prefix
+    if shared and (len(prompts) % group_size or any(prompts[i] != prompts[i - i % group_size]
+                                                   for i in range(len(prompts)))):
+        raise ValueError(f"group_size {group_size}: the prompts are not runs of {group_size} identical ones")
     if not cached_prefix:
-        model.set_kv_cache(len(prompts), max_seq_length)
+        model.set_kv_cache(len(prompts) // group_size if shared else len(prompts), max_seq_length)
     stops = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     # Without padding the plain masks apply (no per-row mask: SDPA's cheaper path).
     row_pad = pad if bool(pad.any()) else None
 
     cached_prefix = min(cached_prefix, T - 1)  # the last prompt token is always fed: its logits are needed
-    logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad,
-                   last_only=True)[:, -1]
+    if shared:  # one row per run, then each run's cache and logits copied to its rows
+        logits = model(idx[::group_size], input_pos=torch.arange(T, device=device),
+                       pad=None if row_pad is None else row_pad[::group_size], last_only=True)[:, -1]
+        for block in model.layers:
+            cache = block.attn.kv_cache
+            cache.k, cache.v = (cache.k.repeat_interleave(group_size, 0), cache.v.repeat_interleave(group_size, 0))
+        logits = logits.repeat_interleave(group_size, 0)
+    else:
+        logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad,
+                       last_only=True)[:, -1]
     for t in range(T, T + max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, stops[0] if len(stops) else token, token)
+        if logprobs is not None:
+            scaled = logits.float() / temperature if temperature else logits.float()
+            logprobs.append(torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1))
         done |= torch.isin(token, stops)
         yield token
         if bool(done.all()) or t + 1 == T + max_new_tokens:

@@ -138,7 +138,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, per_token: bool = False,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, temperature: float = 1.0,
+                entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab_size): the trunk, then the head.
 
         Without input_pos: a full causal forward over positions 0..T-1.
@@ -155,14 +156,16 @@ class GPT(nn.Module):
         the (B, T, vocab_size) logits (see linear_cross_entropy). Callers divide by their own token count.
         per_token (with targets): return each target's log-probability instead, (B, T) in fp32, 0 where the target
         is -100, also a chunk at a time (token_logprobs). Here in forward, not beside it, so that under FSDP the
-        head's weight is gathered and under DDP it is seen used.
+        head's weight is gathered and under DDP it is seen used. temperature: of softmax(logits / temperature), the
+        distribution a sampler at that temperature draws from (RL scores its own samples so). entropy: also return
+        each position's entropy of that distribution, (B, T) fp32 without a gradient (a metric), as a second tensor.
         doc_ids (B, T): a packed batch, several documents per row, numbered so that a new number starts a new
         document (padding as one more). Each token attends only to earlier tokens of its own document, and
         positions restart at 0 with each document, so every document computes exactly what it computes alone.
         """
         x = self.trunk(idx, input_pos, pad, last_only, doc_ids)
         if targets is not None and per_token:
-            return self.token_logprobs(x, targets)
+            return self.token_logprobs(x, targets, temperature=temperature, entropy=entropy)
         if targets is not None and (self.lm_head is None or type(self.lm_head) is nn.Linear):
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
             bias = None if self.lm_head is None else self.lm_head.bias
@@ -245,30 +248,40 @@ class GPT(nn.Module):
             logits = softcap(logits, self.config.final_softcap)
         return logits
 
-    def token_logprobs(self, x: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+    def token_logprobs(self, x: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256, temperature: float = 1.0,
+                       entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(targets) under the head, (B, T) float32 from the trunk's output x (B, T, n_embd); 0 where the target
         is IGNORE_INDEX. chunk_rows positions at a time, each chunk's logits recomputed in the backward pass
         (activation checkpointing), so neither pass holds more than one chunk's (chunk_rows, vocab_size) logits:
-        what preference losses and scoring need, with the gradient, without (B, T, vocab) in memory."""
+        what preference losses and scoring need, with the gradient, without (B, T, vocab) in memory. The logits are
+        divided by temperature first; entropy: also each position's entropy (no gradient), 0 where ignored."""
         flat_x, flat_t = x.flatten(0, -2), targets.flatten()
         kept = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)
         out = torch.zeros(flat_t.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        entropies = torch.zeros_like(out) if entropy else None
         track = torch.is_grad_enabled()
         for start in range(0, len(kept), chunk_rows):
             rows = kept[start:start + chunk_rows]
             if track:
-                lp = torch.utils.checkpoint.checkpoint(self._chunk_logprobs, flat_x[rows], flat_t[rows],
-                                                       use_reentrant=False)
+                lp, ent = torch.utils.checkpoint.checkpoint(self._chunk_logprobs, flat_x[rows], flat_t[rows],
+                                                            temperature, entropy, use_reentrant=False)
             else:
-                lp = self._chunk_logprobs(flat_x[rows], flat_t[rows])
+                lp, ent = self._chunk_logprobs(flat_x[rows], flat_t[rows], temperature, entropy)
             out = out.index_put((rows,), lp)  # out of place: autograd routes each chunk's gradient back
-        return out.view(targets.shape)
+            if entropy:
+                entropies[rows] = ent
+        out = out.view(targets.shape)
+        return (out, entropies.view(targets.shape)) if entropy else out
 
-    def _chunk_logprobs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _chunk_logprobs(self, x: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.head(x)
+        if temperature != 1.0:
+            logits = logits / temperature
         # the softmax in float32 at least, as the fused loss does
         logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        return logp.gather(1, targets[:, None]).squeeze(1)
+        ent = -(logp.exp() * logp).sum(-1).detach() if entropy else None
+        return logp.gather(1, targets[:, None]).squeeze(1), ent
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
         cos, sin = build_rope_cache(self.config, self.config.block_size, device)

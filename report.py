@@ -33,7 +33,10 @@ PANELS = [
     ("reward margin", ["rewards/margins", "val_rewards/margins"]),
     ("preference accuracy", ["rewards/accuracies", "val_rewards/accuracies"]),
     ("log-probs", ["logps/chosen", "logps/rejected"]),
-    ("reward", ["reward", "reward_std"]),
+    ("reward", ["reward", "val_reward", "reward_std"]),
+    ("completion length", ["completions/mean_length", "completions/mean_terminated_length", "completions/max_length"]),
+    ("clipped ratio", ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"]),
+    ("seconds per step", ["rollout_s", "update_s"]),
     ("KL", ["kl"]),
 ]
 X_COLUMNS = ["step", "tokens", "epoch"]  # what the runs are drawn against, never panels of their own

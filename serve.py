@@ -128,7 +128,7 @@ def setup(checkpoint_dir=None, *, lora_dir=None, quantize=None, precision="32-tr
 
 
 def load(checkpoint_dir, lora_dir, device, dtype, quantize):
-    """The model in eval mode on device, and the directory of its tokenizer (as generate.py loads them)."""
+    """The model in eval mode on device, and the directory of its tokenizer."""
     if lora_dir is not None:
         from checkpoint import load_lora_model
 

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 FINETUNE = ("finetune_full.py", "finetune_lora.py")
 CHUNKS = ("pretrain.py", "distill.py")  # the two scripts that train on litdata token chunks
-TRAINING = ("pretrain.py", "finetune_full.py", "finetune_lora.py", "distill.py", "align.py")
+TRAINING = ("pretrain.py", "finetune_full.py", "finetune_lora.py", "distill.py", "align.py", "grpo.py")
 SUPERVISED = ("finetune_full.py", "finetune_lora.py", "align.py")  # the scripts that train on records held in memory
 
 # (the scripts, the top-level pieces they share; Class.method for one method of a class)
@@ -23,6 +23,8 @@ COPIES = [
     (CHUNKS, ["TrainArgs.__post_init__", "EvalArgs", "batches_forever"]),
     (TRAINING, ["CheckpointArgs"]),
     (SUPERVISED, ["TrainArgs.__post_init__", "EvalArgs", "generate_sample"]),
+    (("align.py", "grpo.py"), ["QUANTIZE_MODES", "save_checkpoint_dir", "load_training_state"]),
+    (("generate.py", "serve.py"), ["load"]),  # a checkpoint or an adapter, checked and loaded for sampling
 ]
 # The same fields in the same order, where the defaults differ (finetune_lora's learning rates are LoRA's)
 FIELDS = [(SUPERVISED, "TrainArgs"), (CHUNKS, "TrainArgs")]
@@ -70,7 +72,8 @@ def pieces(script: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("scripts,names", COPIES + STATEMENTS,
-                         ids=["finetune", "micro_batches", "chunks", "training", "supervised", "stopping"])
+                         ids=["finetune", "micro_batches", "chunks", "training", "supervised", "alignment", "sampling",
+                              "stopping"])
 def test_deliberate_copies_stay_identical(scripts, names):
     sources = {script: pieces(script) for script in scripts}
     first = scripts[0]
