@@ -404,9 +404,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, rollout: RolloutArgs, 
         everything = gather_rows(fabric, local)
         all_rewards_per_fn, (all_lengths, all_truncated, all_counted, all_prompt_lengths) = \
             everything[:, :len(names)], everything[:, len(names):].T
-        weights = torch.tensor(reward_weights)
-        all_rewards = (all_rewards_per_fn * weights).nansum(1)
-        all_rewards[all_rewards_per_fn.isnan().all(1)] = float("nan")  # no function applies: no signal
+        all_rewards = weighted_rewards(all_rewards_per_fn, reward_weights)
         all_advantages, all_std, std_is_zero = group_advantages(all_rewards, G, loss.scale_rewards)
         all_token_weights = normalisation_weights(loss.type, all_counted, G, rollout.max_new_tokens)
         mine = slice(fabric.global_rank * len(samples), (fabric.global_rank + 1) * len(samples))
@@ -558,6 +556,14 @@ def score(reward_functions: list, prompts: list[dict], texts: list[str], complet
                              f"{len(texts)} numbers or None")
         columns.append([float("nan") if v is None else float(v) for v in values])
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(reward_functions))
+
+
+def weighted_rewards(rewards_per_fn: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """(completions, functions) -> each completion's reward, the weighted sum of the functions that apply to it (TRL's
+    nansum); NaN where none applies, so that it is left out of its group's baseline and gets no advantage."""
+    total = (rewards_per_fn * torch.tensor(weights)).nansum(1)
+    total[rewards_per_fn.isnan().all(1)] = float("nan")
+    return total
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -736,7 +742,8 @@ def policy_loss(fabric, model, batch: dict, loss: LossArgs, temperature: float,
     old = batch["old_logps"].to(device) if "old_logps" in batch else logps.detach()
     advantages = batch["advantages"].to(device)[:, None]
     ratio = torch.exp(logps - old)
-    clipped = torch.clamp(ratio, 1 - loss.epsilon, 1 + (loss.epsilon_high or loss.epsilon))
+    low_bound, high_bound = 1 - loss.epsilon, 1 + (loss.epsilon_high or loss.epsilon)
+    clipped = torch.clamp(ratio, low_bound, high_bound)
     capped = ratio if loss.delta is None else torch.clamp(ratio, max=loss.delta)
     token_losses = -torch.min(capped * advantages, clipped * advantages)
     kl = None
@@ -747,8 +754,8 @@ def policy_loss(fabric, model, batch: dict, loss: LossArgs, temperature: float,
     objective = (token_losses * mask * batch["weights"].to(device)[:, None]).sum()
 
     masked = mask.float()
-    low = (ratio < 1 - loss.epsilon) & (advantages < 0)
-    high = (ratio > 1 + (loss.epsilon_high or loss.epsilon)) & (advantages > 0)
+    low = (ratio < low_bound) & (advantages < 0)
+    high = (ratio > high_bound) & (advantages > 0)
     targets = batch["labels"].to(device) != IGNORE_INDEX
     stats = dict.fromkeys(SUMS, torch.zeros((), device=device))
     stats.update(loss=objective.detach(), tokens=masked.sum(), entropy=(entropies * masked).sum(),
@@ -787,8 +794,7 @@ def validate(fabric, raw_model, val_set: list[dict], max_prompts: int | None, ro
                                      temperature=0.0)
         texts = [tokenizer.decode(s["ids"], skip_special_tokens=True) for s in samples]
         per_fn = score(reward_functions, prompts, texts, [s["ids"] for s in samples], rollout.max_new_tokens)
-        total = (per_fn * torch.tensor(reward_weights)).nansum(1)
-        total[per_fn.isnan().all(1)] = float("nan")
+        total = weighted_rewards(per_fn, reward_weights)
         for i in range(F):
             column = per_fn[:, i]
             sums[2 * i], sums[2 * i + 1] = column.nansum(), (~column.isnan()).sum()
