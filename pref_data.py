@@ -187,16 +187,20 @@ def render(where: str, prompt: list[dict], completions: list[list[dict]], tokeni
     return before, texts
 
 
-def collate_preferences(examples: list[tuple], pad_id: int, max_seq_length: int) -> dict[str, torch.Tensor]:
+def collate_preferences(examples: list[tuple], pad_id: int, max_seq_length: int,
+                        kl_completions: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One batch for one forward pass, right-padded: pairs as 2B rows, the B chosen then the B rejected sequences;
-    unpaired as B rows plus B rows for the KL estimate (each prompt with the next example's completion, as TRL's
-    KTO does, cut to max_seq_length), with `label` (B,). labels are IGNORE_INDEX but on completion tokens."""
+    unpaired as B rows plus B rows for the KL estimate, each prompt with a completion not its own, cut to
+    max_seq_length: kl_completions[i] for example i, or else the next example's in the batch (as TRL's KTO pairs
+    them). `label` (B,) for unpaired. labels are IGNORE_INDEX but on completion tokens."""
     paired = not isinstance(examples[0][-1], bool)
     if paired:
         rows = [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples]
     else:
         n = len(examples)
-        mismatched = [(examples[i][0], examples[(i + 1) % n][1]) for i in range(n)]
+        if kl_completions is None:
+            kl_completions = [examples[(i + 1) % n][1] for i in range(n)]
+        mismatched = [(examples[i][0], kl_completions[i]) for i in range(n)]
         rows = [(p, c) for p, c, _ in examples] + [(p, c[:max_seq_length + 1 - len(p)]) for p, c in mismatched]
     T = max(len(p) + len(c) for p, c in rows) - 1
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)

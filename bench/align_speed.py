@@ -65,7 +65,9 @@ class Timer(TrainerCallback):
 config = DPOConfig(output_dir=out_dir, per_device_train_batch_size=int(batch), gradient_accumulation_steps=1,
                    max_steps=int(steps), learning_rate=5e-7, beta=0.1, logging_steps=1, report_to=[], use_cpu=True,
                    save_strategy="no", precompute_ref_log_probs=precompute == "true", max_length=1024,
-                   dataloader_num_workers=0, seed=1337)
+                   dataloader_num_workers=0, seed=1337,
+                   # TRL's own defaults are bf16 autocast and gradient checkpointing; ours here: float32, no recompute
+                   bf16=False, fp16=False, gradient_checkpointing=False)
 trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
 trainer.train()
 import resource

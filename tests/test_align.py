@@ -215,8 +215,7 @@ def test_identical_chosen_and_rejected_are_dropped_and_counted(tiny, tmp_path):
     (["--loss.beta", "0"], "--loss.beta 0.0: expected a positive number"),
     (["--reference", "base"], "--reference base: expected --lora too"),
     (["--loss.type", "kto"], "--loss.type kto: needs unpaired records"),
-    (["--precompute_reference", "true", "--loss.type", "kto", "--data.train_files", "{kto}"],
-     "--precompute_reference true: expected not with --loss.type kto"),
+    (["--data.train_files", "{kto}"], "--loss.type sigmoid: needs paired records"),
     (["--data.max_seq_length", "65"], "--data.max_seq_length 65 exceeds the model's block_size 64"),
     (["--reference_quantize", "nf4"], "--reference_quantize 'nf4': expected one of bnb.nf4"),
     (["--reference_quantize", "bnb.nf4", "--lora.r", "4"], "--reference_quantize quantises a frozen copy; this "
@@ -248,9 +247,11 @@ def test_sequence_logps_equal_log_softmax_gathered_in_float64(tiny):
     assert counts.tolist() == mask.sum(-1).tolist()
 
 
-def test_the_three_references_give_the_same_loss(tiny, tmp_path):
+@pytest.mark.parametrize("data,loss_type", [("pairs.jsonl", "sigmoid"), ("kto.jsonl", "kto")])
+def test_the_three_references_give_the_same_loss(tiny, tmp_path, data, loss_type):
     """A LoRA policy whose adapter is not zero: its base with the adapter off, a copy of the base checkpoint and the
-    precomputed table all give the reference the same log-probs, so the loss is the same."""
+    precomputed table all give the reference the same log-probs, so the loss is the same. For KTO that includes the
+    KL rows: each example's partner is fixed by the data set, not by the batch it falls in."""
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     torch.manual_seed(1)
     policy = load_model(tiny / "base")
@@ -260,9 +261,9 @@ def test_the_three_references_give_the_same_loss(tiny, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     copy = load_model(tiny / "base").eval()
-    train, val, _ = load_preference_data(tiny / "pairs.jsonl", Tokenizer(tiny / "base"), max_seq_length=BLOCK)
+    train, val, _ = load_preference_data(tiny / data, Tokenizer(tiny / "base"), max_seq_length=BLOCK)
     ids = [3, 7]
-    batch = collate_preferences([train[i] for i in ids], train.pad_id, BLOCK)
+    batch = align.collate_ids(train, ids, BLOCK)
     off = align.reference_logps_of_base(fabric, policy, batch)[0]
     with torch.no_grad():
         copied = align.sequence_logps(fabric, copy, batch)[0]
@@ -275,8 +276,8 @@ def test_the_three_references_give_the_same_loss(tiny, tmp_path):
     with lora_disabled(policy):  # the switch is the adapter's alone: outside it the policy differs from the base
         assert torch.equal(align.sequence_logps(fabric, policy, batch)[0].detach(), off)
     assert not torch.allclose(align.sequence_logps(fabric, policy, batch)[0].detach(), off)
-    losses = [align.preference_loss(fabric, policy, batch, ref, align.LossArgs())[0] for ref in (off, copied,
-                                                                                                 precomputed)]
+    losses = [align.preference_loss(fabric, policy, batch, ref, align.LossArgs(type=loss_type))[0]
+              for ref in (off, copied, precomputed)]
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(losses[2], losses[0], rtol=0, atol=1e-5)
 
@@ -436,11 +437,19 @@ def test_two_processes_match_one(tiny, tmp_path, strategy, extra):
 
 
 def test_kto_runs_on_unpaired_data_and_logs_its_kl(tiny, tmp_path):
-    rows = run(tiny, tmp_path / "out", "--loss.type", "kto", "--data.train_files", str(tiny / "kto.jsonl"),
-               "--train.max_steps", "4")
+    """The same run with the reference live and precomputed: its KL rows have fixed partners, so the table holds
+    them and the two runs train to the same numbers."""
+    kto = ["--loss.type", "kto", "--data.train_files", str(tiny / "kto.jsonl"), "--train.max_steps", "4"]
+    rows = run(tiny, tmp_path / "live", *kto)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert rows[0]["kl"] != "" and float(rows[0]["kl"]) == pytest.approx(0, abs=1e-6)  # policy = reference
+    assert float(rows[-1]["kl"]) > 1e-4  # the policy moved away from the reference on the mismatched rows too
     assert rows[0]["rewards/accuracies"] == ""
+    precomputed = run(tiny, tmp_path / "precomputed", *kto, "--precompute_reference", "true")
+    assert (tmp_path / "precomputed" / "reference_logps.safetensors").is_file()
+    for a, b in zip(rows, precomputed, strict=True):
+        for key in ("train_loss", "kl", "rewards/chosen", "rewards/rejected"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.parametrize("config", ["align_dpo.yaml", "align_simpo.yaml"])
