@@ -4,13 +4,17 @@
     .venv/bin/python bench/gguf_llamacpp.py --threads 2 --new_tokens 32 --windows 4
     .venv/bin/python bench/gguf_llamacpp.py --peer transformers     # the same checks through transformers' loader
 
-llama.cpp runs through llama-cpp-python in its own venv, `.venv-llamacpp` (`python3 -m venv .venv-llamacpp &&
-.venv-llamacpp/bin/pip install llama-cpp-python`, which compiles llama.cpp with cmake); this script runs itself
-there with --worker for the llama.cpp side, and runs ours in .venv. Both sides get the same token ids (our
-tokenizer's; llama.cpp's own tokenisation of each prompt is compared too). Greedy: up to --new_tokens tokens or the
-end-of-turn token, for chat prompts rendered with the model's template. Perplexity: exp of the mean negative
-log-likelihood of every predicted token in --windows independent windows of --window tokens of a fixed text (this
-file's own source and the README, so nothing is downloaded), the same definition on both sides.
+llama.cpp runs in its own venv, `.venv-llamacpp`, through the raw C API of llama-cpp-cffi's prebuilt wheel
+(llama.cpp b4965; llama-cpp-python has no binary wheel and compiles llama.cpp for most of an hour on 2 cores):
+
+    python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install --no-deps llama-cpp-cffi==0.4.42 &&
+        .venv-llamacpp/bin/pip install cffi numpy     # --no-deps: its high-level API's transformers is not needed
+
+This script runs itself there with --worker for the llama.cpp side, and runs ours in .venv. Both sides get the same
+token ids (our tokenizer's; llama.cpp's own tokenisation of each prompt is compared too). Greedy: up to --new_tokens
+tokens or the end-of-turn token, for chat prompts rendered with the model's template. Perplexity: exp of the mean
+negative log-likelihood of every predicted token in --windows independent windows of --window tokens of a fixed text
+(this file's own source and the README, so nothing is downloaded), the same definition on both sides.
 """
 
 import argparse
@@ -69,12 +73,16 @@ def main(args):
                windows=windows, new_tokens=args.new_tokens, stop_ids=tok.stop_ids, threads=args.threads)
     if args.peer == "llamacpp":
         result = subprocess.run([str(LLAMACPP_PYTHON), __file__, "--worker"], input=json.dumps(job), text=True,
-                                capture_output=True, check=True)
+                                capture_output=True, check=False)
+        if result.returncode:  # llama.cpp logs to stderr: its tail says why
+            sys.exit(f"error: the llama.cpp worker failed:\n{result.stderr[-3000:]}")
         theirs = json.loads(result.stdout.strip().splitlines()[-1])
     else:
         theirs = transformers_peer(job)
 
     print(f"peer: {theirs['version']} · {args.threads} threads · SmolLM2-135M-Instruct")
+    if "system" in theirs:
+        print(f"llama.cpp system info: {theirs['system']}")
     same = 0
     for p, ours, cpp, cpp_tok, ids_ in zip(PROMPTS, ours_greedy, theirs["greedy"], theirs["tokenized"], prompt_ids):
         same += ours == cpp
@@ -114,37 +122,104 @@ def transformers_peer(job) -> dict:
     return out
 
 
-def worker():
-    """Runs in .venv-llamacpp: llama.cpp's greedy tokens and perplexities for the job on stdin."""
-    import llama_cpp
+def load_llama_cpp():
+    """llama.cpp's C API from llama-cpp-cffi: (lib, ffi, version string)."""
+    import ctypes
+    import importlib.metadata
+    import importlib.util
+    import os
+
+    # the package's __init__ imports transformers and huggingface_hub for its own high-level API; the C API is one
+    # cffi extension module beside it, loaded here alone (the CPU build: the bench measures on CPU)
+    package_dir = Path(importlib.util.find_spec("llama").submodule_search_locations[0])
+    path = next(package_dir.glob("_llama_cpp_cpu.*.so"))
+    # the wheel is built with GCC 14, whose libstdc++ has __cxa_call_terminate (called only when an exception leaves
+    # a noexcept function, i.e. on the way to std::terminate); an older libstdc++ (Debian 12's GCC 12) lacks it, so
+    # bind lazily: the module loads and the symbol is looked up only if it is ever called
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(os.RTLD_LAZY)
+    try:
+        spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        build = ctypes.CDLL(str(path), mode=os.RTLD_LAZY)  # the same handle; its build-info globals are not in the cdef
+    finally:
+        sys.setdlopenflags(flags)
+    number = ctypes.c_int.in_dll(build, "LLAMA_BUILD_NUMBER").value
+    commit = ctypes.c_char_p.in_dll(build, "LLAMA_COMMIT").value.decode()
+    version = f"llama.cpp b{number} ({commit}, CPU) via llama-cpp-cffi {importlib.metadata.version('llama-cpp-cffi')}"
+    module.lib.llama_backend_init()
+    return module.lib, module.ffi, version
+
+
+def decode(lib, ffi, ctx, tokens, start, all_logits):
+    """Feeds tokens to llama.cpp at positions start.. (sequence 0); the logits of every one, or of the last."""
     import numpy as np
 
+    n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lib.llama_get_model(ctx)))
+    batch = lib.llama_batch_init(len(tokens), 0, 1)
+    for i, t in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = t, start + i, 1, 0
+        batch.logits[i] = all_logits or i == len(tokens) - 1
+    batch.n_tokens = len(tokens)
+    try:
+        assert lib.llama_decode(ctx, batch) == 0, "llama_decode failed"
+        rows = len(tokens) if all_logits else 1  # llama_get_logits holds the requested rows in batch order
+        logits = ffi.buffer(lib.llama_get_logits(ctx), rows * n_vocab * 4)
+        return np.frombuffer(logits, dtype=np.float32).reshape(rows, n_vocab).copy()
+    finally:
+        lib.llama_batch_free(batch)
+
+
+def worker():
+    """Runs in .venv-llamacpp: llama.cpp's greedy tokens and perplexities for the job on stdin."""
+    import numpy as np
+
+    lib, ffi, version = load_llama_cpp()
     job = json.loads(sys.stdin.read())
-    out = dict(version=llama_cpp.__version__, greedy=[], tokenized=[], ppl={})
+    out = dict(version=version, system=ffi.string(lib.llama_print_system_info()).decode().strip(), greedy=[],
+               tokenized=[], ppl={})
     n_ctx = max(len(w) for w in job["windows"]) + 8
     n_ctx = max(n_ctx, max(len(p) for p in job["prompt_ids"]) + job["new_tokens"] + 8)
     for dtype, path in job["files"].items():
-        llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=job["threads"], logits_all=True, verbose=False)
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model = lib.llama_model_load_from_file(path.encode(), model_params)
+        assert model != ffi.NULL, f"llama.cpp could not load {path}"
+        vocab = lib.llama_model_get_vocab(model)
+        ctx_params = lib.llama_context_default_params()
+        # one decode call takes a whole window, in one micro-batch
+        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = n_ctx
+        ctx_params.n_threads = ctx_params.n_threads_batch = job["threads"]
+        ctx = lib.llama_init_from_model(model, ctx_params)
+        assert ctx != ffi.NULL, "llama.cpp could not make a context"
         if dtype == "f16":
             for prompt, ids in zip(job["prompts"], job["prompt_ids"]):
-                out["tokenized"].append(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-                tokens = []
-                for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
-                    tokens.append(int(t))
-                    if t in job["stop_ids"] or len(tokens) == job["new_tokens"]:
+                # the rendered prompt holds <|im_start|> etc. as text: parse_special, and no BOS of llama.cpp's own
+                text = prompt.encode()
+                buf = ffi.new("int32_t[]", len(text) + 8)
+                n = lib.llama_tokenize(vocab, text, len(text), buf, len(text) + 8, False, True)
+                out["tokenized"].append(list(buf[0:n]))
+                # greedy: argmax of the logits, fed back one token at a time through the KV cache
+                lib.llama_kv_self_clear(ctx)
+                tokens, logits, pos = [], decode(lib, ffi, ctx, ids, 0, all_logits=False), len(ids)
+                while True:
+                    tokens.append(int(logits[-1].argmax()))
+                    if tokens[-1] in job["stop_ids"] or len(tokens) == job["new_tokens"]:
                         break
+                    logits, pos = decode(lib, ffi, ctx, tokens[-1:], pos, all_logits=False), pos + 1
                 out["greedy"].append(tokens)
         nll, count = 0.0, 0
         for w in job["windows"]:
-            llm.reset()
-            llm.eval(w)
-            logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
-            logp = logits - logits.max(-1, keepdims=True)
+            lib.llama_kv_self_clear(ctx)
+            logp = decode(lib, ffi, ctx, w, 0, all_logits=True)[:-1].astype(np.float64)
+            logp -= logp.max(-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
             nll -= logp[np.arange(len(w) - 1), w[1:]].sum()
             count += len(w) - 1
         out["ppl"][dtype] = math.exp(nll / count)
-        del llm
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
     print(json.dumps(out))
 
 
@@ -154,7 +229,7 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--peer", choices=["llamacpp", "transformers"], default="llamacpp",
-                            help="llamacpp: llama-cpp-python in .venv-llamacpp; transformers: its GGUF loader")
+                            help="llamacpp: llama.cpp (llama-cpp-cffi, .venv-llamacpp); transformers: its GGUF loader")
         parser.add_argument("--threads", type=int, default=2)
         parser.add_argument("--new_tokens", type=int, default=32)
         parser.add_argument("--window", type=int, default=512)
