@@ -611,8 +611,8 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
                               max_seq_length: int, reference: str, reference_dir: Path,
                               reference_quantize: str | None) -> dict[str, torch.Tensor]:
     """split -> (examples, 2) float32: the reference's summed log-probs of each pair's chosen and rejected
-    completion (KTO: of each example's completion and of its KL row, collate_ids), read from path when a run with the same reference and data wrote it, else computed (each rank a
-    share of the examples) and written there by rank 0."""
+    completion (KTO: of each example's completion and of its KL row, collate_ids), read from path when a run with the
+    same reference and data wrote it, else computed (each rank a share of the examples) and written there by rank 0."""
     fingerprint = json.dumps({"reference": reference, "reference_dir": str(Path(reference_dir).resolve()),
                               "reference_quantize": reference_quantize, "max_seq_length": max_seq_length,
                               **{split: data_fingerprint(ds) for split, ds in datasets.items()}})
@@ -653,20 +653,21 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
 
 
 def collate_ids(dataset, ids: list[int], max_seq_length: int) -> dict[str, torch.Tensor]:
-    """The batch of the dataset's examples `ids`. KTO's KL rows pair each prompt with the completion of the example
-    after it in the dataset: a fixed partner, whatever the batch, so the reference's log-probs of those rows can be
-    computed once (--precompute_reference), and the live and precomputed references score the same rows."""
-    partners = None if dataset.paired else [dataset[(i + 1) % len(dataset)][1] for i in ids]
+    """The batch of the dataset's examples `ids`. KTO's KL rows pair each prompt with the completion of its fixed
+    partner (pref_data.kl_partners), whatever the batch, so the live and precomputed references score the same rows."""
+    partners = None if dataset.paired else [dataset[dataset.kl_partners[i]][1] for i in ids]
     return collate_preferences([dataset[i] for i in ids], dataset.pad_id, max_seq_length, kl_completions=partners)
 
 
 def data_fingerprint(dataset) -> str:
-    """What the precomputed log-probs depend on: every example's token ids, hashed."""
+    """What the precomputed log-probs depend on: every example's token ids (and KTO's KL partners), hashed."""
     digest = hashlib.sha256()
     for example in dataset.examples:
         for part in example:
             digest.update(part.numpy().tobytes() if isinstance(part, torch.Tensor) else str(part).encode())
             digest.update(b"|")
+    if dataset.kl_partners:
+        digest.update(str(dataset.kl_partners).encode())
     return digest.hexdigest()
 
 

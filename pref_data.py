@@ -34,6 +34,7 @@ class PreferenceDataset(Dataset):
 
     def __init__(self, examples: list[tuple], pad_id: int, paired: bool):
         self.examples, self.pad_id, self.paired = examples, pad_id, paired
+        self.kl_partners: list[int] = []  # unpaired: whose completion each example's KL row takes (kl_partners)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -66,8 +67,25 @@ def load_preference_data(paths: str | Path | list, tokenizer: Tokenizer, *, prom
     if not train:
         raise DataError(f"{paths}: no training examples left (read {stats['records']}, dropped {stats['dropped']} "
                         f"too long for max_seq_length {max_seq_length}, {stats['identical']} with chosen = rejected)")
+    if not paired:
+        train.kl_partners, val.kl_partners = kl_partners(train.examples, seed), kl_partners(val.examples, seed)
     stats.update(train=len(train), val=len(val), paired=paired)
     return train, val, stats
+
+
+def kl_partners(examples: list[tuple], seed: int, max_skip: int = 64) -> list[int]:
+    """Unpaired (KTO): for each example, the example whose completion its KL row puts after its prompt: the next one
+    in a fixed shuffled order, skipping those with the same prompt (unpaired records often come from pairs, a
+    prompt's two answers side by side, and a prompt with its own other answer is no mismatch). Fixed whatever the
+    batch, so the reference's log-probs of the KL rows can be computed once."""
+    n = len(examples)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    partners = [0] * n
+    for k, i in enumerate(order):
+        candidates = [order[(k + step) % n] for step in range(1, min(n, max_skip))]
+        partners[i] = next((j for j in candidates if not torch.equal(examples[j][0], examples[i][0])),
+                           order[(k + 1) % n])  # every nearby prompt the same: take the next one anyway
+    return partners
 
 
 def read_preference_records(paths: str | Path | list) -> list[tuple[str, list[dict], list[list[dict]], bool | None]]:

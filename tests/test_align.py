@@ -436,6 +436,23 @@ def test_two_processes_match_one(tiny, tmp_path, strategy, extra):
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
 
 
+def test_each_kto_example_has_a_fixed_partner_of_another_prompt(tiny):
+    """kto.jsonl holds each prompt's two answers side by side: the next example is no mismatch, the partner is."""
+    train, val, _ = load_preference_data(tiny / "kto.jsonl", Tokenizer(tiny / "base"), max_seq_length=BLOCK,
+                                         val_split=0.2, seed=3)
+    for dataset in (train, val):
+        assert len(dataset.kl_partners) == len(dataset) > 0
+        assert all(not torch.equal(dataset[i][0], dataset[j][0]) for i, j in enumerate(dataset.kl_partners))
+    assert any(torch.equal(train[i][0], train[i + 1][0]) for i in range(len(train) - 1))  # the data's own order
+    again, _, _ = load_preference_data(tiny / "kto.jsonl", Tokenizer(tiny / "base"), max_seq_length=BLOCK,
+                                       val_split=0.2, seed=3)
+    assert again.kl_partners == train.kl_partners
+    batch = align.collate_ids(train, [0, 1], BLOCK)  # the KL rows: prompts 0 and 1 with their partners' completions
+    partner = train[train.kl_partners[0]]
+    assert torch.equal(batch["input_ids"][2, :len(train[0][0]) + len(partner[1]) - 1],
+                       torch.cat([train[0][0], partner[1]])[:-1].long())
+
+
 def test_kto_runs_on_unpaired_data_and_logs_its_kl(tiny, tmp_path):
     """The same run with the reference live and precomputed: its KL rows have fixed partners, so the table holds
     them and the two runs train to the same numbers."""
