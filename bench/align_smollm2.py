@@ -96,8 +96,9 @@ RUNS = {  # name -> align.py flags
     "simpo": ["--loss.type", "simpo", "--loss.beta", "2.0", "--loss.gamma_beta_ratio", "0.5", "--train.lr", "5e-6"],
     "dpo_lora": ["--loss.type", "sigmoid", "--loss.beta", "0.1", "--train.lr", "2e-4", "--lora.r", "16",
                  "--lora.alpha", "32", "--lora.targets", "[q,k,v,o,gate,up,down]"],
-    # DPO plus the chosen answer's NLL (RPO, Pang et al. 2024, arXiv:2404.19733): DPO alone can lower the chosen
-    # answer's likelihood along with the rejected one's; the NLL term holds it up
+    # DPO plus the chosen answer's NLL (RPO, Pang et al. 2024, arXiv:2404.19733): DPO only widens the gap between the
+    # two, and pushing the rejected answer down can take the answer's content with it; the NLL term keeps the chosen
+    # answer likely
     "dpo_sft": ["--loss.type", "sigmoid", "--loss.beta", "0.1", "--train.lr", "1e-5", "--loss.sft_weight", "1.0"],
 }
 
