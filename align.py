@@ -48,7 +48,7 @@ from checkpoint import (LORA_CONFIG, LORA_WEIGHTS, check_state_dict, check_writa
 from generation import generate
 from model import (IGNORE_INDEX, Block, InputError, LoRAConfig, add_lora, is_lora_key, lora_disabled,
                    lora_summary)
-from pref_data import collate_preferences, load_preference_data
+from pref_data import load_preference_data
 from report import write_run_report
 from sft_data import encode_prompt, resolve_style
 from tokenizer import Tokenizer
@@ -429,7 +429,7 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, loss: LossArgs, train:
         micro_ids = sampler.next_step()
         sums = torch.zeros(len(SUMS), device=fabric.device)  # this rank's sums of the step's statistics
         for i, ids in enumerate(micro_ids):
-            batch = collate_ids(train_set, ids, max_seq_length)
+            batch = train_set.collate(ids, max_seq_length)
             ref = reference_logps("train", ids, batch)
             with fabric.no_backward_sync(model, enabled=i < len(micro_ids) - 1):
                 pair_losses, stats = preference_loss(fabric, model, batch, ref, loss)
@@ -598,7 +598,7 @@ def validate(fabric, model, val_set, micro_batch_size: int, max_batches: int | N
     n_batches = min(-(-len(chunks) // fabric.world_size), max_batches or len(chunks))
     sums = torch.zeros(len(SUMS), device=fabric.device)
     for ids in (chunks[fabric.global_rank::fabric.world_size] + [[]] * n_batches)[:n_batches]:
-        batch = collate_ids(val_set, ids or [0], max_seq_length)
+        batch = val_set.collate(ids or [0], max_seq_length)
         _, stats = preference_loss(fabric, model, batch, reference_logps(ids or [0], batch), loss)
         sums += stats if ids else 0
     model.train()
@@ -611,7 +611,7 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
                               max_seq_length: int, reference: str, reference_dir: Path,
                               reference_quantize: str | None) -> dict[str, torch.Tensor]:
     """split -> (examples, 2) float32: the reference's summed log-probs of each pair's chosen and rejected
-    completion (KTO: of each example's completion and of its KL row, collate_ids), read from path when a run with the
+    completion (KTO: of each example's completion and of its KL row), read from path when a run with the
     same reference and data wrote it, else computed (each rank a share of the examples) and written there by rank 0."""
     fingerprint = json.dumps({"reference": reference, "reference_dir": str(Path(reference_dir).resolve()),
                               "reference_quantize": reference_quantize, "max_seq_length": max_seq_length,
@@ -638,7 +638,7 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
         for start in tqdm(range(0, passes * micro_batch_size, micro_batch_size), disable=fabric.global_rank != 0,
                           desc=f"reference log-probs ({split})", dynamic_ncols=True):
             ids = mine[start:start + micro_batch_size]
-            batch = collate_ids(dataset, ids or [0], max_seq_length)
+            batch = dataset.collate(ids or [0], max_seq_length)
             logps = score_reference(batch)[0]  # (under no_grad: both reference functions are)
             if ids:
                 table[ids] = torch.stack([logps[:len(ids)], logps[len(ids):]], dim=1)
@@ -650,13 +650,6 @@ def load_or_compute_reference(fabric, path: Path, score_reference, datasets: dic
         tmp.replace(path)  # complete or absent: a run killed while writing computes it again
     fabric.barrier()
     return tables
-
-
-def collate_ids(dataset, ids: list[int], max_seq_length: int) -> dict[str, torch.Tensor]:
-    """The batch of the dataset's examples `ids`. KTO's KL rows pair each prompt with the completion of its fixed
-    partner (pref_data.kl_partners), whatever the batch, so the live and precomputed references score the same rows."""
-    partners = None if dataset.paired else [dataset[dataset.kl_partners[i]][1] for i in ids]
-    return collate_preferences([dataset[i] for i in ids], dataset.pad_id, max_seq_length, kl_completions=partners)
 
 
 def data_fingerprint(dataset) -> str:

@@ -42,6 +42,13 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i: int) -> tuple:
         return self.examples[i]
 
+    def collate(self, ids: list[int], max_seq_length: int) -> dict[str, torch.Tensor]:
+        """The batch of examples `ids` (collate_preferences). An unpaired example's KL row takes its fixed partner's
+        completion, whatever the batch, so a reference scores the same rows live or precomputed."""
+        partners = None if self.paired else [self.examples[self.kl_partners[i]][1] for i in ids]
+        return collate_preferences([self.examples[i] for i in ids], self.pad_id, max_seq_length,
+                                   kl_completions=partners)
+
 
 def load_preference_data(paths: str | Path | list, tokenizer: Tokenizer, *, prompt_style: str = "auto",
                          max_seq_length: int, val_split: float = 0.0, val_paths: str | Path | list | None = None,
@@ -82,7 +89,7 @@ def kl_partners(examples: list[tuple], seed: int, max_skip: int = 64) -> list[in
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     partners = [0] * n
     for k, i in enumerate(order):
-        candidates = [order[(k + step) % n] for step in range(1, min(n, max_skip))]
+        candidates = (order[(k + step) % n] for step in range(1, min(n, max_skip)))
         partners[i] = next((j for j in candidates if not torch.equal(examples[j][0], examples[i][0])),
                            order[(k + 1) % n])  # every nearby prompt the same: take the next one anyway
     return partners
@@ -208,17 +215,16 @@ def render(where: str, prompt: list[dict], completions: list[list[dict]], tokeni
 def collate_preferences(examples: list[tuple], pad_id: int, max_seq_length: int,
                         kl_completions: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One batch for one forward pass, right-padded: pairs as 2B rows, the B chosen then the B rejected sequences;
-    unpaired as B rows plus B rows for the KL estimate, each prompt with a completion not its own, cut to
-    max_seq_length: kl_completions[i] for example i, or else the next example's in the batch (as TRL's KTO pairs
-    them). `label` (B,) for unpaired. labels are IGNORE_INDEX but on completion tokens."""
+    unpaired as B rows plus B rows for the KL estimate, example i's prompt with kl_completions[i] (another prompt's
+    completion: PreferenceDataset.collate passes each example's fixed partner), cut to max_seq_length, and `label`
+    (B,). labels are IGNORE_INDEX but on completion tokens."""
     paired = not isinstance(examples[0][-1], bool)
     if paired:
         rows = [(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples]
     else:
-        n = len(examples)
         if kl_completions is None:
-            kl_completions = [examples[(i + 1) % n][1] for i in range(n)]
-        mismatched = [(examples[i][0], kl_completions[i]) for i in range(n)]
+            raise ValueError("unpaired examples need kl_completions for their KL rows (PreferenceDataset.collate)")
+        mismatched = [(example[0], completion) for example, completion in zip(examples, kl_completions, strict=True)]
         rows = [(p, c) for p, c, _ in examples] + [(p, c[:max_seq_length + 1 - len(p)]) for p, c in mismatched]
     T = max(len(p) + len(c) for p, c in rows) - 1
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)

@@ -263,7 +263,7 @@ def test_the_three_references_give_the_same_loss(tiny, tmp_path, data, loss_type
     copy = load_model(tiny / "base").eval()
     train, val, _ = load_preference_data(tiny / data, Tokenizer(tiny / "base"), max_seq_length=BLOCK)
     ids = [3, 7]
-    batch = align.collate_ids(train, ids, BLOCK)
+    batch = train.collate(ids, BLOCK)
     off = align.reference_logps_of_base(fabric, policy, batch)[0]
     with torch.no_grad():
         copied = align.sequence_logps(fabric, copy, batch)[0]
@@ -447,7 +447,7 @@ def test_each_kto_example_has_a_fixed_partner_of_another_prompt(tiny):
     again, _, _ = load_preference_data(tiny / "kto.jsonl", Tokenizer(tiny / "base"), max_seq_length=BLOCK,
                                        val_split=0.2, seed=3)
     assert again.kl_partners == train.kl_partners
-    batch = align.collate_ids(train, [0, 1], BLOCK)  # the KL rows: prompts 0 and 1 with their partners' completions
+    batch = train.collate([0, 1], BLOCK)  # the KL rows: prompts 0 and 1 with their partners' completions
     partner = train[train.kl_partners[0]]
     assert torch.equal(batch["input_ids"][2, :len(train[0][0]) + len(partner[1]) - 1],
                        torch.cat([train[0][0], partner[1]])[:-1].long())
