@@ -469,6 +469,13 @@ def test_kto_runs_on_unpaired_data_and_logs_its_kl(tiny, tmp_path):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-5), key
 
 
+def test_kto_learns_in_bfloat16_with_a_precomputed_reference(tiny, tmp_path):
+    rows = run(tiny, tmp_path / "out", "--loss.type", "kto", "--data.train_files", str(tiny / "kto.jsonl"),
+               "--precision", "bf16-true", "--precompute_reference", "true", "--train.max_steps", "6")
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.02
+    assert 0 < float(rows[-1]["rewards/chosen"]) - float(rows[-1]["rewards/rejected"])  # desirable pulled above
+
+
 @pytest.mark.parametrize("config", ["align_dpo.yaml", "align_simpo.yaml"])
 def test_config_hub_recipes_parse(config, capsys):
     recipe = Path(align.__file__).parent / "config_hub" / config
