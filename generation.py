@@ -20,17 +20,28 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)
     if not isinstance(generator, list):
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-    tokens, start = torch.empty(len(probs), dtype=torch.long, device=probs.device), 0
-    while start < len(probs):
+        return draw(cdf, torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype))
+    uniform, start = torch.empty(len(cdf), 1, device=cdf.device, dtype=cdf.dtype), 0
+    while start < len(cdf):
         end = start + 1
-        while end < len(probs) and generator[end] is generator[start]:
+        while end < len(cdf) and generator[end] is generator[start]:
             end += 1
-        tokens[start:end] = torch.multinomial(probs[start:end], num_samples=1, generator=generator[start]).squeeze(-1)
+        uniform[start:end] = torch.rand(end - start, 1, generator=generator[start], device=cdf.device, dtype=cdf.dtype)
         start = end
-    return tokens
+    return draw(cdf, uniform)
+
+
+def draw(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-transform sampling: each row's first token whose cumulative probability (float64) exceeds its uniform
+    draw (B, 1) in [0, 1) scaled to the row's total. One uniform a row where torch.multinomial draws an exponential per
+    vocabulary entry (~10 ms a step for 8 rows of 49k on a CPU). A token of probability 0 is never drawn: its
+    cumulative value equals its predecessor's, and a draw that rounds up to the total takes the last token with
+    probability above 0."""
+    total = cdf[:, -1:].contiguous()
+    token = torch.searchsorted(cdf, uniform * total, right=True)
+    return torch.minimum(token, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
@@ -50,16 +61,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) ->
     return logits
 
 
-def use_decode_layout(model: GPT) -> GPT:
-    """Lay the weights out for decoding, keeping values, shapes and state-dict keys: q/k/v and gate/up stacked into
-    one matrix each (fuse_projections), and, on the CPU in float32, every matrix a decode step multiplies by stored
-    column-major (the transposed matrix contiguous, viewed back at its own shape) in memory backed by 2 MB pages,
-    with the Linear layers swapped for DecodeLinear. A decode step multiplies one row per sequence by every matrix
-    and is bound by reading them:
-    - the CPU BLAS reads W^T contiguous faster for that than W (no difference on cache-sized matrices);
+def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
+    """Lay the weights out for decoding `rows` sequences together, keeping values, shapes and state-dict keys: q/k/v
+    and gate/up stacked into one matrix each (fuse_projections), and, on the CPU in float32, every matrix a decode step
+    multiplies in memory backed by 2 MB pages, with the Linear layers swapped for DecodeLinear (model.linear). A
+    decode step multiplies one row per sequence by every matrix and is bound by reading them:
     - 2 MB pages spare a token's stream of weights one TLB miss per 4 KB (page walks are dearest in a VM);
-    - a column-major matrix's columns split into one block per thread (model.linear, which DecodeLinear calls): the
-      BLAS gives a matrix-vector product one thread.
+    - for one or two rows each matrix is stored column-major (the transposed matrix contiguous, viewed back at its
+      own shape): the BLAS reads W^T faster than W for a matrix-vector product, and model.linear splits its columns
+      into one block per thread (the BLAS would give it one thread);
+    - for more rows (batched sampling, RL rollouts) they stay row-major, which oneDNN (model.linear) reads fastest.
     Matmuls over a whole prompt lose a little, so use it for generation, not for scoring or training. Measurements:
     bench/RESULTS.md."""
     if model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
@@ -70,14 +81,16 @@ def use_decode_layout(model: GPT) -> GPT:
         matrices.append(model.embed.weight)
     arena = HugePageArena(sum(w.numel() for w in matrices) * 4 + 64 * len(matrices))
 
-    def column_major(rows: int, cols: int) -> torch.Tensor:
-        return arena.take(rows * cols).view(cols, rows).t()
+    def decode_matrix(n_rows: int, cols: int) -> torch.Tensor:
+        if rows <= 2:  # column-major
+            return arena.take(n_rows * cols).view(cols, n_rows).t()
+        return arena.take(n_rows * cols).view(n_rows, cols)
 
     with torch.no_grad():
-        fuse_projections(model, column_major)
+        fuse_projections(model, decode_matrix)
         for weight in matrices:
-            if weight.is_contiguous():  # not one of the views into a stacked matrix, laid out above
-                weight.data = column_major(*weight.shape).copy_(weight)
+            if not arena.holds(weight):  # not one of the views into a stacked matrix, laid out above
+                weight.data = decode_matrix(*weight.shape).copy_(weight)
     for owner in list(model.modules()):  # a module swap, as add_lora and quantize_model do
         for name, child in list(owner.named_children()):
             if type(child) is nn.Linear:
@@ -86,8 +99,9 @@ def use_decode_layout(model: GPT) -> GPT:
 
 
 class DecodeLinear(nn.Linear):
-    """An nn.Linear whose product is model.linear's (a decode step's rows split across the threads when the weight
-    is column-major). It holds the swapped layer's own weight and bias Parameters, so the state dict is unchanged."""
+    """An nn.Linear whose product is model.linear's (on the CPU in float32: oneDNN, or one or two rows split across the
+    threads when the weight is column-major). It holds the swapped layer's own weight and bias Parameters, so the
+    state dict is unchanged."""
 
     def __init__(self, linear: nn.Linear):
         nn.Module.__init__(self)  # no new weights: take the layer's
@@ -154,6 +168,9 @@ class HugePageArena:
         if self.used > len(self.memory):
             raise RuntimeError(f"HugePageArena: {self.used} bytes asked of {len(self.memory)}")
         return self.memory[start:start + numel * 4].view(torch.float32)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage().data_ptr() == self.memory.untyped_storage().data_ptr()
 
 
 @torch.inference_mode()

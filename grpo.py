@@ -326,7 +326,8 @@ def main(fabric, *, checkpoint_dir: Path, data: DataArgs, rollout: RolloutArgs, 
     # auto: where the layout pays, float32 weights on a CPU (bf16 matrices are left row-major, generation.py)
     decode_copy = rollout.decode_copy if rollout.decode_copy is not None else \
         fabric.device.type == "cpu" and weights_dtype(precision) == torch.float32
-    rollout_copy = RolloutCopy(model, fabric.device) if decode_copy and not quantize else None
+    rows = rollout.batch_size or train.prompts_per_step // world * G  # sequences a rollout decodes together
+    rollout_copy = RolloutCopy(model, fabric.device, rows) if decode_copy and not quantize else None
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
@@ -671,17 +672,18 @@ def sample_completions(fabric, raw_model, prompts: list[list[int]], rollout: Rol
 
 
 class RolloutCopy:
-    """A second copy of the policy's weights, laid out for decoding (generation.use_decode_layout: on a CPU in float32
-    every matrix column-major in huge pages, q/k/v and gate/up stacked; on a GPU the stacking alone), which rollouts
-    and validation sample from. Training cannot use that layout (the stacked matrices are not the Parameters the
-    optimizer updates), so the copy is refreshed from the policy before each rollout, an adapter merged in: one more
-    set of weights in memory and a copy per step, for a decode step ~1.5x faster on a CPU (bench/RESULTS.md).
+    """A second copy of the policy's weights, laid out for decoding `rows` sequences together
+    (generation.use_decode_layout: on a CPU in float32 every matrix in huge pages, q/k/v and gate/up stacked; on a GPU
+    the stacking alone), which rollouts and validation sample from. Training cannot use that layout (the stacked
+    matrices are not the Parameters the optimizer updates), so the copy is refreshed from the policy before each
+    rollout, an adapter merged in: one more set of weights in memory and a copy per step, for a decode step ~1.5x
+    faster on a CPU (bench/RESULTS.md).
     Not for a quantised base, whose float copy would cost 4-8x its memory: that one samples from the policy."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, rows: int):
         self.model = copy.deepcopy(model)
         merge_lora(self.model)  # plain Linears: the adapter folded in, refreshed in sync
-        self.model = use_decode_layout(self.model.to(device).requires_grad_(False).eval())
+        self.model = use_decode_layout(self.model.to(device).requires_grad_(False).eval(), rows)
 
     @torch.no_grad()
     def sync(self, policy) -> None:

@@ -771,20 +771,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a few rows (a decode step) times a weight stored column-major on the CPU
-    (generation.use_decode_layout): the CPU BLAS multiplies them on one thread while the other cores wait, so the
-    weight's columns are cut into one block per thread and bmm multiplies the blocks in parallel. The same dot
-    products (to the last bit but for some one-row products with a bias, which the BLAS adds in another kernel)."""
+    """F.linear, except on the CPU in float32 where no gradient is needed (decoding, where a step multiplies a few rows
+    by every matrix and is bound by reading them; bench/RESULTS.md):
+    - one or two rows times a weight stored column-major (generation.use_decode_layout for one sequence): the CPU
+      BLAS would multiply them on one thread while the other cores wait, so the weight's columns are cut into one
+      block per thread and bmm multiplies the blocks in parallel: the same dot products (to the last bit but for
+      some one-row products with a bias, which the BLAS adds in another kernel);
+    - otherwise oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the kernel torch.compile's CPU backend
+      calls), which reads a weight for 8-32 rows 1.3-1.6x faster than F.linear's sgemm: the same dot products to
+      float32 rounding, summed in another order."""
     N, K = weight.shape
-    parts = torch.get_num_threads()
-    rows = x.numel() // K
-    if (weight.stride(0) != 1 or parts == 1 or N % parts or rows > 16 or x.device.type != "cpu"
-            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.linear(x, weight, bias)
-    blocks = weight.t().as_strided((parts, K, N // parts), (N // parts, weight.stride(1), 1))  # views, no copy
-    xs = x.reshape(1, rows, K).expand(parts, rows, K)
-    y = torch.bmm(xs, blocks) if bias is None else torch.baddbmm(bias.view(parts, 1, N // parts), xs, blocks)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], N)
+    parts, rows = torch.get_num_threads(), x.numel() // K
+    if weight.stride(0) == 1 and rows <= 2 and parts > 1 and N % parts == 0:
+        blocks = weight.t().as_strided((parts, K, N // parts), (N // parts, weight.stride(1), 1))  # views, no copy
+        xs = x.reshape(1, rows, K).expand(parts, rows, K)
+        y = torch.bmm(xs, blocks) if bias is None else torch.baddbmm(bias.view(parts, 1, N // parts), xs, blocks)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], N)
+    if ONEDNN_LINEAR and not torch.compiler.is_compiling():  # compiled: inductor picks its own kernel
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+# oneDNN ships in torch's x86 and ARM builds; the check keeps other builds on F.linear
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from checkpoint import load_model, save_checkpoint
 from conftest import ROOT
 from convert import from_hf
 from data_prep import train_tokenizer
-from generation import DecodeLinear, filter_top_k_top_p, generate, sample, use_decode_layout
+from generation import DecodeLinear, draw, filter_top_k_top_p, generate, sample, use_decode_layout
 from model import GPT, Config, InputError
 from tokenizer import Tokenizer
 
@@ -81,6 +81,26 @@ def test_sampling_is_greedy_at_zero_temperature_and_repeatable_with_a_seed():
     assert any(not torch.equal(draw(3), draw(s)) for s in range(4, 10))
     # a sampled token is always one the filters kept
     assert filter_top_k_top_p(logits, 20, 0.9).gather(1, draw(5)[:, None]).isfinite().all()
+
+
+def test_sampled_tokens_follow_the_filtered_softmax():
+    """sample() draws each token with its probability under softmax(logits / temperature) renormalised over what
+    top-k kept, never a filtered one, also when a uniform draw rounds up to the row's total."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0]]).repeat(20000, 1)
+    tokens = sample(logits, temperature=0.7, top_k=4, generator=torch.Generator().manual_seed(0))
+    kept = torch.tensor([0, 1, 2, 4])
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[kept] = torch.softmax(logits[0, kept].double() / 0.7, dim=-1)
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[3] == counts[5] == 0
+    sigma = (len(tokens) * expected * (1 - expected)).sqrt()
+    assert ((counts - len(tokens) * expected).abs() <= 4 * sigma).all(), (counts / len(tokens), expected)
+    # the largest uniform below 1 on a row whose last tokens have probability 0: the last token above 0
+    cdf = torch.tensor([[0.25, 0.5, 0.5, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    below_one = torch.tensor([[1.0]], dtype=torch.float64).nextafter(torch.tensor(0.0, dtype=torch.float64))
+    assert draw(cdf, below_one).tolist() == [3]
+    # the first token whose cumulative probability exceeds the draw: 0.5 skips token 2 (probability 0)
+    assert draw(cdf.repeat(3, 1), torch.tensor([[0.0], [0.3], [0.5]], dtype=torch.float64)).tolist() == [0, 1, 3]
 
 
 @pytest.mark.parametrize("name", ["plain", "windowed"])
@@ -227,7 +247,8 @@ def test_compiled_blocks_generate_the_same_tokens(tiny_dirs):
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True},
                                        {"qkv_bias": True, "mlp_bias": True, "mlp": "moe", "n_expert": 3,
                                         "n_expert_per_token": 2}], ids=["untied", "tied", "biases-moe"])
-def test_decode_layout_changes_layout_not_results(overrides):
+@pytest.mark.parametrize("rows", [1, 8])  # 1: column-major matrices; 8: row-major
+def test_decode_layout_changes_layout_not_results(overrides, rows):
     torch.manual_seed(0)
     model = GPT(Config.from_name("tiny-test", **overrides)).eval()
     with torch.no_grad():
@@ -238,18 +259,21 @@ def test_decode_layout_changes_layout_not_results(overrides):
     with torch.no_grad():
         logits = model(idx)
     tokens = generate(model, idx.tolist(), 10)
-    use_decode_layout(model)
+    use_decode_layout(model, rows)
 
     # a module swap that model.modules() shows, not a forward replaced on each instance
     assert not any(type(m) is torch.nn.Linear or "forward" in vars(m) for m in model.modules())
     assert any(isinstance(m, DecodeLinear) for m in model.modules())
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    assert head.stride() == (1, head.shape[0])
+    assert head.stride() == ((1, head.shape[0]) if rows == 1 else (head.shape[1], 1))
+    # every matrix in one block of memory (the huge-page arena)
+    assert len({m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, DecodeLinear)}) == 1
     for block in model.layers:
         attn = block.attn
         stacked = attn.qkv_weight
         assert stacked.shape[0] == sum(p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        assert stacked.stride()[0] == 1 and attn.o_proj.weight.stride()[0] == 1
+        unit = 0 if rows == 1 else 1  # the dimension whose elements are adjacent in memory
+        assert stacked.stride()[unit] == 1 and attn.o_proj.weight.stride()[unit] == 1
         # the separate weights are views into the stacked matrix: one copy of the values, shared
         assert attn.k_proj.weight.data_ptr() == stacked[attn.q_proj.weight.shape[0]:].data_ptr()
         mlps = block.mlp.experts if model.config.mlp == "moe" else [block.mlp]

@@ -225,27 +225,38 @@ def test_linear_cross_entropy_with_bf16_weights(chunk_rows):
     torch.testing.assert_close(gw.double(), ew, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("threads", [2, 3])  # 3: 96 columns split in three; 100 do not, and take F.linear
-@pytest.mark.parametrize("rows", [1, 8, 20])  # 20: more than a decode step, F.linear
-def test_linear_splits_a_column_major_weight_across_threads(threads, rows, monkeypatch):
+@pytest.mark.parametrize("threads", [2, 3])  # 3: 96 columns split in three; 100 do not, and take oneDNN
+@pytest.mark.parametrize("rows", [1, 2, 8, 20])  # more than 2: oneDNN in either layout
+def test_linear_splits_one_or_two_rows_across_threads_and_gives_more_to_onednn(threads, rows, monkeypatch):
+    """model.linear without autograd on the CPU in float32: F.linear's products, from the thread split for one or two
+    rows times a column-major weight, else from oneDNN."""
     torch.manual_seed(0)
-    batched = []  # the calls of the split path
+    calls = []  # the split's batched products and oneDNN's products
     for name in ("bmm", "baddbmm"):
-        monkeypatch.setattr(torch, name, lambda *a, f=getattr(torch, name): batched.append(a[-1].shape) or f(*a))
+        monkeypatch.setattr(torch, name,
+                            lambda *a, f=getattr(torch, name): calls.append(("split", a[-1].shape)) or f(*a))
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(("onednn",)) or onednn(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for out_features, bias in [(96, None), (96, torch.randn(96)), (100, torch.randn(100))]:
-            weight = torch.randn(64, out_features).t()  # column-major, as generation.use_decode_layout stores it
-            for x in (torch.randn(rows, 64), torch.randn(1, rows, 64)):
-                batched.clear()
-                with torch.inference_mode():
-                    y = linear(x, weight, bias)
-                split = rows <= 16 and out_features % threads == 0
-                assert batched == ([(threads, 64, out_features // threads)] if split else [])
-                # the same dot products; a 1-row product with a bias may round its last bit differently (the BLAS
-                # adds the bias in another kernel)
-                torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-6, atol=1e-5)
+            for column_major in (True, False):
+                weight = torch.randn(64, out_features).t() if column_major else torch.randn(out_features, 64)
+                for x in (torch.randn(rows, 64), torch.randn(1, rows, 64)):
+                    calls.clear()
+                    with torch.inference_mode():
+                        y = linear(x, weight, bias)
+                    split = column_major and rows <= 2 and out_features % threads == 0
+                    assert calls == ([("split", (threads, 64, out_features // threads))] if split else [("onednn",)])
+                    # the same dot products (split: to the last bit but for a 1-row product with a bias, which the
+                    # BLAS adds in another kernel; oneDNN sums in another order)
+                    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        # where autograd needs the product: F.linear, with its gradients
+        weight = torch.randn(96, 64, requires_grad=True)
+        calls.clear()
+        linear(torch.randn(rows, 64), weight).sum().backward()
+        assert calls == [] and weight.grad is not None
     finally:
         torch.set_num_threads(before)
 
