@@ -94,7 +94,8 @@ def main(
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
     model, tokenizer_dir = load(checkpoint_dir, lora_dir, device, dtype, quantize)
-    use_decode_layout(model)
+    prompts = None if chat else [prompt] if prompts_file is None else read_prompts(prompts_file)
+    use_decode_layout(model, 1 if chat else len(prompts) * num_samples)  # the layout that decodes that many rows fastest
     tokenizer = Tokenizer(tokenizer_dir)
     if compile:
         # The blocks, not the whole forward: it reads the cache length as a Python int (a graph break), and the
@@ -107,7 +108,6 @@ def main(
     if chat:
         return chat_loop(model, tokenizer, max_new_tokens, stop or [], min(max_seq_length, model.config.block_size),
                          sampling)
-    prompts = [prompt] if prompts_file is None else read_prompts(prompts_file)
     batch = [tokenizer.encode(p) for p in prompts for _ in range(num_samples)]
     stream = len(batch) == 1 and sys.stdout.isatty()
     printer = StreamPrinter(stop or []) if stream else None

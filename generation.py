@@ -184,7 +184,8 @@ def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *
 
     logprobs: a list to which each step appends its tokens' log-probabilities (B,) float32 under
     softmax(logits / temperature), before top-k/top-p filtering (the distribution a trainer scores them under;
-    temperature 0: the plain softmax). RL keeps them to compare with its own scoring.
+    temperature 0: the plain softmax), 0 for rows that stopped at an earlier step. RL keeps them to compare with its
+    own scoring.
 
     group_size > 1: the prompts come in runs of group_size identical ones (RL samples a prompt G times): each run's
     prompt is prefilled once and its KV cache copied to the run's rows, a G-th of the prefill's work.
@@ -229,17 +230,32 @@ def generate_tokens(model: GPT, prompts: list[list[int]], max_new_tokens: int, *
     else:
         logits = model(idx[:, cached_prefix:], input_pos=torch.arange(cached_prefix, T, device=device), pad=row_pad,
                        last_only=True)[:, -1]
+    live = torch.arange(len(prompts), device=device)  # the rows still in the batch, in order
     for t in range(T, T + max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)
-        token = torch.where(done, stops[0] if len(stops) else token, token)
+        # Only rows that have not stopped draw, so a row's draws never depend on when others leave the batch.
+        active = ~done[live]
+        rows, logits = live[active], logits[active]
+        draws = [generator[i] for i in rows.tolist()] if isinstance(generator, list) else generator
+        sampled = sample(logits, temperature, top_k, top_p, draws)
+        token = torch.full(done.shape, stops[0] if len(stops) else 0, device=device).index_put_((rows,), sampled)
         if logprobs is not None:
             scaled = logits.float() / temperature if temperature else logits.float()
-            logprobs.append(torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1))
+            logps = torch.log_softmax(scaled, dim=-1).gather(1, sampled[:, None]).squeeze(1)
+            logprobs.append(torch.zeros(len(prompts), device=device, dtype=torch.float32).index_put_((rows,), logps))
         done |= torch.isin(token, stops)
         yield token
         if bool(done.all()) or t + 1 == T + max_new_tokens:
             break
-        logits = model(token[:, None], input_pos=torch.tensor([t], device=device), pad=row_pad)[:, -1]
+        # Rows that stopped leave the batch once a quarter of it has (each time, the KV cache is copied): a batch
+        # decodes until its longest row ends, and RL completions vary in length.
+        kept = (~done[live]).nonzero().squeeze(1)
+        if len(live) - len(kept) >= max(1, len(live) // 4):
+            for block in model.layers:
+                cache = block.attn.kv_cache
+                cache.k, cache.v = cache.k[kept], cache.v[kept]
+            live = live[kept]
+            row_pad = None if row_pad is None else row_pad[kept]
+        logits = model(token[live][:, None], input_pos=torch.tensor([t], device=device), pad=row_pad)[:, -1]
 
 
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: list[int] = (),

@@ -134,6 +134,32 @@ def test_generation_stops_at_any_stop_id(tiny_dirs):
     assert both[1] == generate(model, [other], 10, temperature=0, stop_ids=[free[3]])[0]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_alone(tiny_dirs, temperature):
+    """A row that produced a stop id is dropped from the batch (and its KV cache) once a quarter of the batch has
+    stopped; every row still produces what it produces alone (sampling: each row its own generator)."""
+    model = load_model(tiny_dirs["plain"]).eval()
+    tok = Tokenizer(tiny_dirs["plain"])
+    prompts = [tok.encode(p) for p in PROMPTS] * 2
+    free = generate(model, prompts, 12, temperature=0)
+    stop_ids = sorted({out[step] for out, step in zip(free, range(1, 12))})  # rows stop at different steps
+    batch_sizes = []
+    forward = model.forward
+    model.forward = lambda idx, **kw: batch_sizes.append(len(idx)) or forward(idx, **kw)
+    try:
+        seeded = lambda rows: [torch.Generator().manual_seed(row) for row in rows]  # noqa: E731
+        together = generate(model, prompts, 12, temperature=temperature, stop_ids=stop_ids,
+                            generator=seeded(range(len(prompts))))
+        sizes, batch_sizes[:] = list(batch_sizes), []
+        alone = [generate(model, [p], 12, temperature=temperature, stop_ids=stop_ids, generator=seeded([row]))[0]
+                 for row, p in enumerate(prompts)]
+    finally:
+        del model.forward
+    assert together == alone
+    assert len({len(out) for out in together}) > 2  # rows ended at different steps ...
+    assert sizes[0] == len(prompts) and sizes[-1] < len(prompts) and sizes == sorted(sizes, reverse=True)  # ... and left
+
+
 def test_cli_prompts_file_samples_and_stop_strings(tiny_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")

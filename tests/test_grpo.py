@@ -279,6 +279,19 @@ def test_a_tiny_model_learns_the_toy_reward(tiny, tmp_path, precision, extra):
         assert trained == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
 
 
+def test_a_qlora_policy_samples_from_its_quantised_self_and_trains_its_adapter(tiny, tmp_path, capsys):
+    """--quantize bnb.nf4 with an adapter: no decode copy (a float copy of a 4-bit base would cost 4-8x its memory),
+    so the rollout samples from the quantised policy itself and its log-probs are the trainer's; the adapter learns."""
+    out = tmp_path / "out"
+    rows = run(tiny, out, "--quantize", "bnb.nf4", "--lora.r", "8", "--lora.targets", "[q,v,lm_head]",
+               "--train.max_steps", "2", "--checkpoint.interval", "2")
+    assert "bnb.nf4" in capsys.readouterr().out
+    assert all(float(r["sampling/sampling_logp_difference/mean"]) < 1e-4 for r in rows)
+    model, _ = load_lora_model(out / "final", quantize="bnb.nf4")
+    assert type(model.layers[0].attn.q_proj.base).__name__ == "Linear4bit"
+    assert all(p.dtype == torch.float32 and p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_the_loss_does_not_depend_on_the_micro_batch_split(tiny, tmp_path):
     for loss_type in ("grpo", "bnpo"):
         one = run(tiny, tmp_path / f"{loss_type}1", "--loss.type", loss_type, "--train.micro_batch_size", "1",
