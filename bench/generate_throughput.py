@@ -93,7 +93,7 @@ def measure(impl: str, ours_dir: Path, hf_dir: Path, batch: int, prompt_len: int
         from checkpoint import load_model
         from generation import generate_tokens, use_decode_layout
 
-        model = use_decode_layout(load_model(ours_dir, device=device, dtype=dtype).eval())  # as generate.py does
+        model = use_decode_layout(load_model(ours_dir, device=device, dtype=dtype).eval(), batch)  # as generate.py
 
         def run(n):
             return generate_tokens(model, prompts.tolist(), n, temperature=0)

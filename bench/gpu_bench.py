@@ -330,9 +330,9 @@ def decode(out: Path) -> None:
     part = Part(out, "decode", model=c["name"], precision="bf16-true", prompt_len=prompt_len, new_tokens=new_tokens,
                 weight_bytes=weight_bytes, bandwidth=bandwidth, anchor=ANCHORS["decode"])
 
-    def compiled_decode_layout(model):
+    def compiled_decode_layout(model, rows=1):
         """generate.py --compile: the decode layout, then each block compiled with dynamic shapes."""
-        model = use_decode_layout(model)
+        model = use_decode_layout(model, rows)
         for block in model.layers:
             block.compile(dynamic=True, backend=COMPILE_BACKEND)
         return model
