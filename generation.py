@@ -67,10 +67,11 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     multiplies in memory backed by 2 MB pages, with the Linear layers swapped for DecodeLinear (model.linear). A
     decode step multiplies one row per sequence by every matrix and is bound by reading them:
     - 2 MB pages spare a token's stream of weights one TLB miss per 4 KB (page walks are dearest in a VM);
-    - for one or two rows each matrix is stored column-major (the transposed matrix contiguous, viewed back at its
+    - for fewer than 8 rows each matrix is stored column-major (the transposed matrix contiguous, viewed back at its
       own shape): the BLAS reads W^T faster than W for a matrix-vector product, and model.linear splits its columns
-      into one block per thread (the BLAS would give it one thread);
-    - for more rows (batched sampling, RL rollouts) they stay row-major, which oneDNN (model.linear) reads fastest.
+      into one block per thread (the BLAS would give it one thread) for one or two rows, oneDNN multiplies more;
+    - from 8 rows on (batched sampling, RL rollouts) they stay row-major: oneDNN (model.linear) reads the two layouts
+      at the same speed at 8 rows, row-major 1.1-1.4x faster at 16-32 (bench/decode_matmul.py).
     Matmuls over a whole prompt lose a little, so use it for generation, not for scoring or training. Measurements:
     bench/RESULTS.md."""
     if model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
@@ -82,7 +83,7 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
     arena = HugePageArena(sum(w.numel() for w in matrices) * 4 + 64 * len(matrices))
 
     def decode_matrix(n_rows: int, cols: int) -> torch.Tensor:
-        if rows <= 2:  # column-major
+        if rows < 8:  # column-major
             return arena.take(n_rows * cols).view(cols, n_rows).t()
         return arena.take(n_rows * cols).view(n_rows, cols)
 

@@ -773,13 +773,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except on the CPU in float32 where no gradient is needed (decoding, where a step multiplies a few rows
     by every matrix and is bound by reading them; bench/RESULTS.md):
-    - one or two rows times a weight stored column-major (generation.use_decode_layout for one sequence): the CPU
+    - one or two rows times a weight stored column-major (generation.use_decode_layout for a few sequences): the CPU
       BLAS would multiply them on one thread while the other cores wait, so the weight's columns are cut into one
       block per thread and bmm multiplies the blocks in parallel: the same dot products (to the last bit but for
       some one-row products with a bias, which the BLAS adds in another kernel);
     - otherwise oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the kernel torch.compile's CPU backend
-      calls), which reads a weight for 8-32 rows 1.3-1.6x faster than F.linear's sgemm: the same dot products to
-      float32 rounding, summed in another order."""
+      calls), which reads the weights of a decode step of 4-32 rows 1.3-1.5x faster than F.linear's sgemm
+      (bench/decode_matmul.py): the same dot products to float32 rounding, summed in another order."""
     N, K = weight.shape
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
