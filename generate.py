@@ -95,7 +95,7 @@ def main(
 
     model, tokenizer_dir = load(checkpoint_dir, lora_dir, device, dtype, quantize)
     prompts = None if chat else [prompt] if prompts_file is None else read_prompts(prompts_file)
-    use_decode_layout(model, 1 if chat else len(prompts) * num_samples)  # the layout that decodes that many rows fastest
+    use_decode_layout(model, 1 if chat else len(prompts) * num_samples)  # laid out for the batch it decodes
     tokenizer = Tokenizer(tokenizer_dir)
     if compile:
         # The blocks, not the whole forward: it reads the cache length as a Python int (a graph break), and the

@@ -157,7 +157,8 @@ def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_alone(tiny_dirs
         del model.forward
     assert together == alone
     assert len({len(out) for out in together}) > 2  # rows ended at different steps ...
-    assert sizes[0] == len(prompts) and sizes[-1] < len(prompts) and sizes == sorted(sizes, reverse=True)  # ... and left
+    # ... and left the batch
+    assert sizes[0] == len(prompts) and sizes[-1] < len(prompts) and sizes == sorted(sizes, reverse=True)
 
 
 def test_cli_prompts_file_samples_and_stop_strings(tiny_dirs, tmp_path):
