@@ -4,6 +4,7 @@ OUT/parts/PART.json as it goes, `report` gathers them into OUT/gpu.json and OUT/
     python bench/gpu_bench.py pretrain --out DIR   # TinyLlama-1.1B, seq 2048, bf16-mixed, compiled: tokens/s, MFU
     python bench/gpu_bench.py decode --out DIR     # Llama-3.2-1B, bf16, batch 1 and 8, eager and compiled
     python bench/gpu_bench.py memory --out DIR     # peak memory: QLoRA nf4 of Llama-3.1-8B, full finetune SmolLM2-360M
+    python bench/gpu_bench.py packing --out DIR    # packed rows: FlexAttention against the dense mask (issue 18)
     python bench/gpu_bench.py report --out DIR     # gpu.json + gpu.md from the parts' files
     GPU_SH_DRY=1 python bench/gpu_bench.py ...     # CPU, toy sizes, seconds: the same code, for tests of the plumbing
 
@@ -16,8 +17,10 @@ ours but bench/generate_throughput.py (torch, yaml, safetensors), so keep projec
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -42,7 +45,7 @@ COMPILE_BACKEND = "eager" if DRY else "inductor"
 TOY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, intermediate_size=128, vocab_size=1024,
            block_size=64)
 PRESETS = dict(pretrain="TinyLlama-1.1B-intermediate-step-1431k-3T", decode="Llama-3.2-1B",
-               qlora="Llama-3.1-8B", full="SmolLM2-360M")
+               qlora="Llama-3.1-8B", full="SmolLM2-360M", packing="SmolLM2-360M")
 # HBM bandwidth (bytes/s) from NVIDIA's data sheets; the first name contained in the device's name wins
 GPU_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12,
                  "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12}
@@ -55,14 +58,15 @@ ANCHORS = dict(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["pretrain", "decode", "memory", "report", "train-impl", "decode-peer"])
+    parser.add_argument("part", choices=["pretrain", "decode", "memory", "packing", "report", "train-impl",
+                                         "decode-peer"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-results")
     # train-impl / decode-peer: one implementation in its own process (the peer's from .venv-peers), JSON on stdout
     parser.add_argument("--impl", choices=["ours", "litgpt"], default="ours")
     parser.add_argument("--config_json", help="our Config as a dict: the shape both implementations build")
     parser.add_argument("--ckpt", type=Path, help="decode-peer: our checkpoint directory")
     args = parser.parse_args()
-    if args.part in ("pretrain", "decode", "memory"):
+    if args.part in ("pretrain", "decode", "memory", "packing"):
         forced_failure(args.part)
         if not DRY:
             require_cuda()
@@ -73,7 +77,7 @@ def main() -> None:
         print(json.dumps(decode_peer(args.ckpt)))
         return
     (args.out / "parts").mkdir(parents=True, exist_ok=True)
-    dict(pretrain=pretrain, decode=decode, memory=memory, report=report)[args.part](args.out)
+    dict(pretrain=pretrain, decode=decode, memory=memory, packing=packing, report=report)[args.part](args.out)
 
 
 def forced_failure(part: str) -> None:
@@ -481,10 +485,77 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+# -------------------------------------------------------------------------------------------------------- 5. packing
+
+def packing(out: Path) -> None:
+    """Training steps (forward, backward, bf16 autocast) on packed rows of Alpaca-like documents, with each
+    document-attention backend of model.py: FlexAttention (block-sparse, compiled), the dense block-diagonal SDPA
+    mask, and a document at a time (varlen); plain causal attention over the same rows (one long document each: no
+    masking at all) as the ceiling. Tokens/s, and the attention share of the step that the backends change."""
+    sys.path.insert(0, str(ROOT))
+    from model import GPT, Config
+
+    c = preset(PRESETS["packing"])
+    T, batch = (TOY["block_size"], 2) if DRY else (8192, 2)
+    c["block_size"] = T
+    lengths = packed_lengths(T, batch, median=16 if DRY else 180)
+    doc_ids = torch.tensor([sum(([d] * n for d, n in enumerate(row)), []) for row in lengths], device=DEVICE)
+    part = Part(out, "packing", model=c["name"], seq_len=T, micro_batch=batch, precision="bf16-mixed",
+                documents=sum(map(len, lengths)), mean_document=T * batch / sum(map(len, lengths)))
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = GPT(Config(**c))
+    idx = torch.randint(0, c["vocab_size"], (batch, T + 1), device=DEVICE)
+    warmup, steps = (1, 2) if DRY else (2, 6)
+
+    def step_time(backend: str | None) -> dict:
+        model.document_attention = backend or "auto"
+        ids = doc_ids if backend else None
+        reset_peak()
+        times = []
+        for _ in range(warmup + steps):
+            sync()
+            start = time.perf_counter()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = model(idx[:, :-1], targets=idx[:, 1:], doc_ids=ids) / T
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times[warmup:])
+        return dict(tokens_per_sec=batch * T / median, step_ms=1000 * median, first_step_s=times[0],
+                    peak_gib=peak_gib())
+
+    # left out: on the CPU (the dry run) FlexAttention, which has no backward there; on a GPU varlen, a Python loop
+    # over the documents that "auto" never picks there (0.50x the dense mask's tokens/s on an H200, 15 s of the part)
+    skip = dict(flex="FlexAttention has no backward on the CPU") if DEVICE == "cpu" else dict(
+        varlen="a Python loop over documents, never the CUDA choice: left out for time")
+    part.data["skipped"] = skip
+    for backend in ("flex", "sdpa", "varlen", None):
+        if backend not in skip:
+            part.measure(backend or "causal", step_time, backend)
+    part.finish()
+
+
+def packed_lengths(T: int, rows: int, median: float) -> list[list[int]]:
+    """Document lengths of packed rows: lognormal (sigma 0.8) around `median` tokens, as Alpaca's examples are in
+    tokens, laid end to end; the last document of a row cut at the row's end."""
+    rng = random.Random(0)
+    out = []
+    for _ in range(rows):
+        row, left = [], T
+        while left:
+            n = min(left, max(8, round(rng.lognormvariate(math.log(median), 0.8))))
+            row.append(n)
+            left -= n
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- report
 
 PART_TITLES = dict(install="install", cuda_tests="1. CUDA tests", pretrain="2. pretraining throughput",
-                   decode="3. decoding", memory="4. memory")
+                   decode="3. decoding", memory="4. memory", packing="5. packing")
 
 
 def report(out: Path) -> None:
@@ -623,6 +694,23 @@ def markdown(doc: dict) -> str:
         else:
             lines.append(f"| {key} | {p.get('errors', {}).get(key, 'not measured')} | | | |")
     lines.append(f"Anchor: {ANCHORS['qlora']}.")
+
+    p = parts["packing"]
+    lines += ["", f"#### 5. Packing: {p.get('model')}, random weights, {p.get('micro_batch')} rows of "
+                  f"{p.get('seq_len')} tokens, {p.get('documents')} documents (mean {fmt(p.get('mean_document'), 0)} "
+                  "tokens), forward + backward in bf16-mixed", "",
+              "| attention | tokens/s | vs dense mask | step ms | peak GiB |", "|---|---|---|---|---|"]
+    res = p.get("results", {})
+    dense = res.get("sdpa", {}).get("tokens_per_sec")
+    for key, title in (("flex", "FlexAttention, block mask (compiled)"), ("sdpa", "SDPA, dense block-diagonal mask"),
+                       ("varlen", "a document at a time (varlen)"), ("causal", "causal, no document mask (ceiling)")):
+        r = res.get(key)
+        if r:
+            lines.append(f"| {title} | {r['tokens_per_sec']:,.0f} | {ratio(r['tokens_per_sec'], dense)} | "
+                         f"{r['step_ms']:.1f} | {fmt(r['peak_gib'], 1)} |")
+        else:
+            why = p.get("errors", {}).get(key) or p.get("skipped", {}).get(key) or "not measured"
+            lines.append(f"| {title} | {why} | | | |")
     return "\n".join(lines) + "\n"
 
 
