@@ -151,7 +151,7 @@ export GPU_SH_REQUIRE_CUDA=$([[ $DRY == 1 ]] && echo 0 || echo 1)
 run_part cuda_tests 75 $PY -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs \
   --junitxml="$OUT/cuda-tests.xml"
 
-# 2-4. the measurements (bench/gpu_bench.py); each writes parts/PART.json as it goes
+# 2-5. the measurements (bench/gpu_bench.py); each writes parts/PART.json as it goes
 run_part pretrain 215 $PY bench/gpu_bench.py pretrain --out "$OUT"
 run_part decode 150 $PY bench/gpu_bench.py decode --out "$OUT"
 run_part memory 40 $PY bench/gpu_bench.py memory --out "$OUT"

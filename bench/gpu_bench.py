@@ -491,7 +491,7 @@ def packing(out: Path) -> None:
     """Training steps (forward, backward, bf16 autocast) on packed rows of Alpaca-like documents, with each
     document-attention backend of model.py: FlexAttention (block-sparse, compiled), the dense block-diagonal SDPA
     mask, and a document at a time (varlen); plain causal attention over the same rows (one long document each: no
-    masking at all) as the ceiling. Tokens/s, and the attention share of the step that the backends change."""
+    masking at all) as the ceiling. Tokens/s, step time and peak memory of each."""
     sys.path.insert(0, str(ROOT))
     from model import GPT, Config
 
