@@ -85,11 +85,11 @@ def tokenize_to_chunks(splits: dict[Path, list[Path]], tokenizer_dir: Path, text
             tokenize = TokenizeFile(tokenizer_dir, text_field, keep_row, threads, errors)
             try:
                 optimize(fn=tokenize, inputs=[str(f) for f in files], output_dir=str(tmp), num_workers=split_workers,
-                         chunk_bytes=chunk_bytes, item_loader=TokensLoader(), mode="overwrite", start_method="fork")
-            except RuntimeError:  # litdata wraps a worker's exception in its traceback: a user's error is one line
-                if not errors.is_file():
-                    raise
-                raise InputError(errors.read_text().splitlines()[0]) from None
+                         chunk_bytes=chunk_bytes, item_loader=TokensLoader(), mode="overwrite", start_method="fork",
+                         keep_data_ordered=True)  # each worker its own share of the files, in order: the same
+                # chunks from the same inputs every time (a shared queue hands files out as workers come free)
+                if errors.is_file():  # a file the user must fix: the workers recorded it and stopped tokenizing
+                    raise InputError(errors.read_text().splitlines()[0])
             finally:
                 errors.unlink(missing_ok=True)
         # the workers skip what they cannot read (not UTF-8) with a warning: no documents at all is an error here,
@@ -116,7 +116,9 @@ def report(*chunk_dirs: Path, start: float) -> None:
 
 class TokenizeFile:
     """What each worker runs on one file: yields one token tensor per document (bos ... eos). A file the user must
-    fix (a JSONL line without the text field) is also reported in `errors`, for the main process to print."""
+    fix (a JSONL line without the text field) is reported in `errors`, for the main process to raise once optimize
+    returns, and not raised here: in litdata's ordered mode a worker's exception leaves the main process waiting
+    forever. Once an error is recorded, every worker skips the files left."""
 
     def __init__(self, tokenizer_dir: Path, text_field: str, keep_row=None, threads: int = 1,
                  errors: Path | None = None):
@@ -129,13 +131,16 @@ class TokenizeFile:
             os.environ["RAYON_NUM_THREADS"] = str(self.threads)
             self.tokenizer = Tokenizer(self.tokenizer_dir)
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        if self.errors is not None and self.errors.is_file():
+            return
         try:
             documents = list(read_documents(Path(path), self.text_field, self.keep_row))
         except InputError as e:
-            if self.errors is not None:
-                with open(self.errors, "a", encoding="utf-8") as f:
-                    f.write(f"{e}\n")
-            raise
+            if self.errors is None:
+                raise
+            with open(self.errors, "a", encoding="utf-8") as f:
+                f.write(f"{e}\n")
+            return
         for start in range(0, len(documents), 256):  # the Rust encoder parallelises a batch
             for encoding in self.tokenizer.backend.encode_batch(documents[start:start + 256], add_special_tokens=False):
                 yield torch.tensor([bos, *encoding.ids, eos], dtype=torch.int32)

@@ -155,6 +155,24 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_data):
     assert f"{tmp_path / 'bad.jsonl'}:2" in result.stderr and "'text'" in result.stderr
 
 
+def test_prepare_text_writes_the_same_chunks_every_time(tiny_data, tmp_path):
+    """Two workers, many files, small chunks: litdata's shared work queue handed files to whichever worker came free,
+    so the chunks (and the order pretraining reads them in) differed between two preparations of one corpus."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(30 + 5 * i)))
+    chunks = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        prepare_text.main(inputs=str(corpus), tokenizer_dir=tiny_data / "tokenizer", out_dir=out, workers=2,
+                          chunk_bytes="4kB", val_fraction=0.0)
+        files = sorted((out / "train").glob("*.bin"))
+        assert len(files) > 4  # several chunks, each worker writing some
+        chunks.append([(f.name, f.read_bytes()) for f in files])
+    assert chunks[0] == chunks[1]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
