@@ -117,8 +117,9 @@ def report(*chunk_dirs: Path, start: float) -> None:
 class TokenizeFile:
     """What each worker runs on one file: yields one token tensor per document (bos ... eos). A file the user must
     fix (a JSONL line without the text field) is reported in `errors`, for the main process to raise once optimize
-    returns, and not raised here: in litdata's ordered mode a worker's exception leaves the main process waiting
-    forever. Once an error is recorded, every worker skips the files left."""
+    returns, and not raised here: in litdata's ordered mode a worker's InputError left the main process waiting
+    forever (an unexpected error such as a RuntimeError still comes through). Once an error is recorded, every worker
+    skips the files left."""
 
     def __init__(self, tokenizer_dir: Path, text_field: str, keep_row=None, threads: int = 1,
                  errors: Path | None = None):
