@@ -684,28 +684,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         final_softcap: float | None = None, chunk_rows: int = 256) -> torch.Tensor:
+                         final_softcap: float | None = None, chunk_rows: int = 256,
+                         buffer_bytes: int = 1 << 27) -> torch.Tensor:
     """Sum over rows of cross_entropy(x @ weight.T + bias, targets), targets == IGNORE_INDEX left out, with the
     gradients of x, weight and bias computed in the same pass, chunk_rows rows at a time.
 
     Why: for a small model with a large vocabulary the head and its softmax are most of a training step, and
     autograd's version keeps the (N, V) logits, their log-softmax and its gradient, each a trip through memory
     (a 1,024 x 50,304 step makes three 206 MB arrays). Here each chunk's logits become their own gradient in place
-    (softmax minus one-hot) and are multiplied into the x and weight gradients while still in cache. The matmuls
-    run in the autocast dtype when autocast is on, the softmax always in float32."""
+    (softmax minus one-hot), multiplied into the x gradient while still in cache. The weight gradient is one product
+    per group of chunks, from a buffer of their logit gradients (at most buffer_bytes, 128 MB: 2,048 rows of a
+    32,000-entry vocabulary in bf16): a product per chunk would add a (V, C) array into the float32 sum each time,
+    a pass through memory that cost more than the product itself under bf16 autocast on a CPU. The matmuls run in
+    the autocast dtype when autocast is on, the softmax always in float32."""
     need_x = torch.is_grad_enabled() and x.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
     need_b = bias is not None and torch.is_grad_enabled() and bias.requires_grad
-    return _LinearCrossEntropy.apply(x, weight, bias, targets, final_softcap, chunk_rows, need_x, need_w, need_b)
+    return _LinearCrossEntropy.apply(x, weight, bias, targets, final_softcap, chunk_rows, buffer_bytes, need_x, need_w,
+                                     need_b)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, cap, chunk_rows, need_x, need_w, need_b):
+    def forward(ctx, x, weight, bias, targets, cap, chunk_rows, buffer_bytes, need_x, need_w, need_b):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        # the softmax, the sums and the weight gradient (when summed over several chunks) in float32 at least
+        # the softmax, the sums and the weight gradient (when summed over several groups) in float32 at least
         acc = torch.promote_types(dtype, torch.float32)
+        V = weight.shape[0]
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
@@ -714,46 +720,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
             kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per call
             every_row = len(kept) == len(targets)
             grad_x = (torch.empty_like(x) if every_row else torch.zeros_like(x)) if need_x else None
-            grad_w = None  # the first chunk's product starts it: no zero-filled (V, C) array to add that to
-            grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
+            grad_w = None  # the first group's product starts it: no zero-filled (V, C) array to add that to
+            grad_b = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
             total = torch.zeros((), dtype=acc, device=x.device)
             rows = max(1, min(chunk_rows, len(kept)))
-            # One pair of chunk buffers, reused: a fresh tens-of-MB array per chunk costs page faults on a CPU.
-            logits = torch.empty(rows, weight.shape[0], dtype=dtype, device=x.device)
-            logp = torch.empty(rows, weight.shape[0], dtype=acc, device=x.device)
-            for start in range(0, len(kept), rows):
-                index = slice(start, start + rows) if every_row else kept[start:start + rows]
-                h = x[index].to(dtype)
-                t = targets[index]
-                n = len(t)
-                z = torch.mm(h, w.T, out=logits[:n]) if b is None else torch.addmm(b, h, w.T, out=logits[:n])
-                if cap is not None:
-                    capped = torch.tanh(z.to(acc) / cap)
-                    z = capped * cap
-                lp = torch.log_softmax(z, dim=-1, dtype=acc, out=logp[:n])
-                total -= lp.gather(1, t[:, None]).sum()
-                if not (need_x or need_w or need_b):
-                    continue
-                # d loss / d z = softmax(z) - onehot(t)
-                g = lp.exp_()
-                g[torch.arange(n, device=t.device), t] -= 1
-                if cap is not None:
-                    g.mul_(1 - capped * capped)
-                if need_b:
-                    grad_b += g.sum(0)
-                g = g.to(dtype)
-                if need_x:
-                    grad_x[index] = (g @ w).to(grad_x.dtype)  # bf16 products into float32 x under autocast
+            group = min(rows * max(1, buffer_bytes // (rows * V * dtype.itemsize)), max(1, len(kept)))
+            # Buffers made once and reused: a fresh tens-of-MB array per chunk costs page faults on a CPU.
+            logits = torch.empty(rows, V, dtype=dtype, device=x.device)
+            logp = torch.empty(rows, V, dtype=acc, device=x.device)
+            grads = torch.empty(group, V, dtype=dtype, device=x.device) if need_w else None
+            for group_start in range(0, len(kept), group):
+                group_index = slice(group_start, group_start + group) if every_row else kept[group_start:][:group]
+                hs, ts = x[group_index].to(dtype), targets[group_index]
+                for start in range(0, len(ts), rows):
+                    h, t = hs[start:start + rows], ts[start:start + rows]
+                    n = len(t)
+                    z = torch.mm(h, w.T, out=logits[:n]) if b is None else torch.addmm(b, h, w.T, out=logits[:n])
+                    if cap is not None:
+                        capped = torch.tanh(z.to(acc) / cap)
+                        z = capped * cap
+                    lp = torch.log_softmax(z, dim=-1, dtype=acc, out=logp[:n])
+                    total -= lp.gather(1, t[:, None]).sum()
+                    if not (need_x or need_w or need_b):
+                        continue
+                    # d loss / d z = softmax(z) - onehot(t)
+                    g = lp.exp_()
+                    g[torch.arange(n, device=t.device), t] -= 1
+                    if cap is not None:
+                        g.mul_(1 - capped * capped)
+                    if need_b:
+                        grad_b += g.sum(0)
+                    g = grads[start:start + n].copy_(g) if need_w else g.to(dtype)
+                    if need_x:
+                        index = slice(group_start + start, group_start + start + n) if every_row else \
+                            kept[group_start + start:][:n]
+                        grad_x[index] = (g @ w).to(grad_x.dtype)  # bf16 products into float32 x under autocast
                 if need_w:
+                    # one group (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
+                    # gradient; a bf16 copy skips two (V, C) float32 passes here and two in backward
+                    g = grads[:len(ts)]
                     if grad_w is None:
-                        # One chunk (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
-                        # gradient; a bf16 copy skips two (V, C) float32 passes here and two in backward.
-                        one_chunk = start + rows >= len(kept)
-                        grad_w = torch.mm(g.T, h) if one_chunk or dtype == acc else (g.T @ h).to(acc)
+                        one_group = group_start + group >= len(kept)
+                        grad_w = torch.mm(g.T, hs) if one_group or dtype == acc else torch.mm(g.T, hs).to(acc)
                     elif dtype == acc:
-                        grad_w.addmm_(g.T, h)
+                        grad_w.addmm_(g.T, hs)
                     else:
-                        grad_w += (g.T @ h).to(acc)
+                        grad_w += torch.mm(g.T, hs)
             if need_w and grad_w is None:  # every target ignored
                 grad_w = torch.zeros_like(weight)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
@@ -767,7 +779,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_x is None else grad_x * grad_total,
                 None if grad_w is None else (grad_w * grad_total).to(w_dtype),
                 None if grad_b is None else (grad_b * grad_total).to(b_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -176,6 +176,25 @@ def test_forward_with_targets_is_the_summed_cross_entropy_with_the_same_gradient
         torch.testing.assert_close(model(x, targets=y), expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("buffer_rows", [128, 100, 1000])  # groups of two chunks, of one (rounded down), one group
+def test_linear_cross_entropy_in_groups_of_chunks_gives_the_plain_gradients(ignored, buffer_rows):
+    # float64: the weight gradient summed over groups of chunks, each group one product, is the plain one exactly
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(100, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 100, (300,))
+    if ignored:
+        t[10:50] = IGNORE_INDEX
+        t[-7:] = IGNORE_INDEX
+    loss = linear_cross_entropy(x, w, b, t, chunk_rows=64, buffer_bytes=buffer_rows * 100 * 8)
+    expected = torch.nn.functional.cross_entropy(x @ w.T + b, t, reduction="sum", ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(torch.autograd.grad(loss * 0.37, [x, w, b]), torch.autograd.grad(expected * 0.37, [x, w, b])):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_linear_cross_entropy_when_every_target_is_ignored():
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
@@ -206,14 +225,15 @@ def test_linear_cross_entropy_under_bf16_autocast_and_with_a_frozen_head():
     torch.testing.assert_close(gx_frozen, gx_full, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("chunk_rows", [512, 128])  # one chunk (its product is the gradient), or a float32 sum
-def test_linear_cross_entropy_with_bf16_weights(chunk_rows):
+# one chunk (its product is the gradient); chunks in one group (the same); groups of one chunk (a float32 sum)
+@pytest.mark.parametrize("chunk_rows, buffer_bytes", [(512, 1 << 27), (128, 1 << 27), (128, 128 * 100 * 2)])
+def test_linear_cross_entropy_with_bf16_weights(chunk_rows, buffer_bytes):
     torch.manual_seed(0)
     x = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(100, 32, dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, 100, (300,))
     t[:20] = IGNORE_INDEX
-    loss = linear_cross_entropy(x, w, None, t, chunk_rows=chunk_rows)
+    loss = linear_cross_entropy(x, w, None, t, chunk_rows=chunk_rows, buffer_bytes=buffer_bytes)
     gx, gw = torch.autograd.grad(loss * 0.37, [x, w])
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     expected = torch.nn.functional.cross_entropy(x64 @ w64.T, t, reduction="sum")
