@@ -676,8 +676,10 @@ def make_datasets(fabric, data: DataArgs, config: Config, tokenizer: Tokenizer, 
             read_chunk_index(d)
         # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
         # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
+        # item_shuffle_window 0: each chunk's samples in a full permutation (as pretrain.make_loaders, which says why)
         datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1),
-                                     shuffle=data.shuffle, drop_last=True, seed=train.seed) for d in data.train_dirs]
+                                     shuffle=data.shuffle, drop_last=True, seed=train.seed, item_shuffle_window=0)
+                    for d in data.train_dirs]
         for d, ds in zip(data.train_dirs, datasets):
             if len(ds) < micro_batch_size * world:
                 raise InputError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer "
@@ -795,7 +797,8 @@ def open_teacher_topk(topk_dir: Path, teacher_dir: Path, data: DataArgs, config:
 
 
 def make_cached_loader(fabric, cache_dirs: list[Path], data: DataArgs, micro_batch_size: int, seed: int):
-    datasets = [StreamingDataset(str(d), shuffle=data.shuffle, drop_last=True, seed=seed) for d in cache_dirs]
+    datasets = [StreamingDataset(str(d), shuffle=data.shuffle, drop_last=True, seed=seed, item_shuffle_window=0)
+                for d in cache_dirs]
     for d, ds in zip(cache_dirs, datasets):
         if len(ds) < micro_batch_size * fabric.world_size:
             raise InputError(f"{d}: {len(ds)} cached samples, fewer than one micro-batch per rank")

@@ -357,8 +357,11 @@ def make_loaders(fabric, data: DataArgs, config: Config, micro_batch_size: int, 
         read_chunk_index(d)
     # block_size + 1 tokens per sample: inputs and the targets shifted by one. One TokensLoader per dataset:
     # it caches chunk buffers by chunk index, and two splits both have a chunk 0.
+    # item_shuffle_window 0: each chunk's samples in a full permutation. litdata's default since 0.2.74 shuffles
+    # aligned runs of 256 consecutive samples, one run after another: in the default job a run (66k consecutive
+    # tokens, one or a few files) fills 16 steps, and the loss curve turns to saw teeth.
     datasets = [StreamingDataset(d, item_loader=TokensLoader(block_size=config.block_size + 1), shuffle=data.shuffle,
-                                 drop_last=True, seed=seed) for d in data.train_dirs]
+                                 drop_last=True, seed=seed, item_shuffle_window=0) for d in data.train_dirs]
     for d, ds in zip(data.train_dirs, datasets):
         if len(ds) < micro_batch_size * fabric.world_size:
             raise InputError(f"{d}: {len(ds)} samples of block_size+1 = {config.block_size + 1} tokens, fewer than "

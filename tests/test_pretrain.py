@@ -382,6 +382,34 @@ def test_two_ranks_read_different_samples(tmp_path):
         assert len(set(ids)) == len(ids) and {i // 1000 for i in ids} == {0, 1}  # both sources, no sample twice
 
 
+@pytest.mark.parametrize("script", ["pretrain", "distill"])
+def test_training_samples_are_drawn_from_the_whole_chunk(tmp_path, script):
+    """Blocks i = [i] * 33, in order in one chunk: the first steps' samples come from all over it, not from one run of
+    neighbours (litdata's default from 0.2.74 shuffles aligned runs of 256 samples: ids within 256 of each other).
+    distill.py's chunks format reads chunks as pretrain.py does."""
+    import lightning as L
+    from litdata import TokensLoader, optimize
+
+    import distill
+    from model import Config
+    optimize(fn=constant_block, inputs=list(range(600)), output_dir=str(tmp_path / "a"), chunk_bytes="1MB",
+             item_loader=TokensLoader(), num_workers=1, mode="overwrite", start_method="fork")
+    config = Config.from_name("tiny-test", vocab_size=VOCAB, block_size=32)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    if script == "pretrain":
+        loader, _ = pretrain.make_loaders(fabric, pretrain.DataArgs(train_dirs=[str(tmp_path / "a")], val_dir=None),
+                                          config, micro_batch_size=4, seed=1337)
+    else:
+        data = distill.DataArgs(train_dirs=[str(tmp_path / "a")], val_dir=None)
+        train = distill.TrainArgs(global_batch_size=4, micro_batch_size=4)
+        train_set, _ = distill.make_datasets(fabric, data, config, None, train)
+        loader = distill.make_train_loader(fabric, train_set, data, train, config.block_size)
+    ids = block_ids(loader)
+    assert sorted(ids) == list(range(600))  # an epoch: every sample once
+    first = ids[:32]  # 8 micro-batches
+    assert max(first) - min(first) > 300, first
+
+
 def constant_block(i: int):
     yield torch.full((33,), i, dtype=torch.int32)  # block_size 32 + 1: one sample of make_loaders
 
