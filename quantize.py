@@ -83,16 +83,17 @@ class Linear4bit(bnb.nn.Linear4bit):
                                          quant_type=quant_type, module=layer, bnb_quantized=True)
         layer.quant_state = state
         layer.bias = bias
+        # On a CPU with AVX512-BF16, bitsandbytes (0.50.2) would repack the weight for its inference kernel at the
+        # first eval forward without gradients, and keep it packed: that kernel has no backward (the next training
+        # step's gradients stopped at the layer: a validation pass or an RL rollout silently ended QLoRA learning),
+        # multiplies in bf16 whatever the compute dtype, and the packing does not undo: unpacked (to save, merge or
+        # train) an nf4 weight came back off by up to half its largest entry (its block scales reordered). Never packed.
+        layer.support_avx512bf16_for_cpu = False
         return layer
 
     def dequantize(self) -> torch.Tensor:
-        weight, state = self.weight.data, self.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks the weight for its AVX512-BF16 CPU kernel on the first no-grad eval forward;
-            # undo it in place the way its own _save_to_state_dict does
-            weight, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight, state)
-            self.weight.data, self.weight.quant_state = weight, state
-        return bnb.functional.dequantize_4bit(weight, state)  # (out_features, in_features), in the original dtype
+        # (out_features, in_features), in the original dtype
+        return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
 
 
 class Linear8bitLt(bnb.nn.Linear8bitLt):

@@ -235,6 +235,37 @@ def test_qlora_trains_with_the_base_frozen_and_quantised(mode):
     assert not model.layers[0].attn.q_proj.base.training
 
 
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.fp4-dq"])
+def test_an_eval_pass_leaves_4bit_weights_and_qlora_gradients_unchanged(mode):
+    """On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight for its inference kernel at the first eval
+    forward without gradients: the next training step's gradients stopped at the layer (that kernel has no backward),
+    and unpacking it (to save or merge) gave other weights. quantize.Linear4bit never lets it pack. (On a host
+    without that kernel bitsandbytes never packs, and this holds trivially.)"""
+    model = quantize_model(tiny_model(n_embd=128), mode)  # rows of 128: two 64-value blocks of scales each
+    add_lora(model, LoRAConfig(targets=("q", "v")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 would leave A's gradient 0 and the path through the adapters untested
+            torch.nn.init.normal_(p, std=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layers = quantized_layers(model).values()
+    idx = batch()
+
+    def gradients() -> list[torch.Tensor]:
+        logits = model(idx[:, :-1])
+        return torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()), trainable)
+
+    expected, weights = gradients(), [m.dequantize() for m in layers]
+    model.eval()
+    with torch.no_grad():
+        model(idx)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    for got, want in zip(gradients(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for m, weight in zip(layers, weights, strict=True):
+        assert torch.equal(m.dequantize(), weight)
+
+
 def test_qlora_merge_and_state_dict_names():
     float_total = sum(p.numel() for p in tiny_model().parameters())
     model = quantize_model(tiny_model(), "bnb.nf4")
