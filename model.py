@@ -756,10 +756,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                             kept[group_start + start:][:n]
                         grad_x[index] = (g @ w).to(grad_x.dtype)  # bf16 products into float32 x under autocast
                 if need_w:
-                    # one group (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
-                    # gradient; a bf16 copy skips two (V, C) float32 passes here and two in backward
                     g = grads[:len(ts)]
                     if grad_w is None:
+                        # One group (a finetuning batch, often): the matmul's own float32 sum, rounded once, is the
+                        # gradient; a bf16 copy skips two (V, C) float32 passes here and two in backward.
                         one_group = group_start + group >= len(kept)
                         grad_w = torch.mm(g.T, hs) if one_group or dtype == acc else torch.mm(g.T, hs).to(acc)
                     elif dtype == acc:

@@ -1,13 +1,15 @@
 """DPO training speed and peak memory: align.py beside TRL's DPOTrainer (PyPI `trl` in .venv-peers), the same work.
 
 SmolLM2-135M-Instruct (the transformers directory tests/conftest.py builds in .cache/; ours converted from it), the
-same 32 chat pairs rendered with its chat template, the same batch (8 pairs a step, one micro-batch), float32, beta 0.1,
-the reference live (a frozen copy) or precomputed once before training. Each run is its own process; rounds alternate
+same 32 chat pairs rendered with its chat template, the same batch (8 pairs a step, one micro-batch), float32 (or
+bf16 autocast on both sides: `--precision bf16-mixed`), beta 0.1, the reference live (a frozen copy) or precomputed once
+before training. Each run is its own process; rounds alternate
 ours and TRL's. Reported per run: the median seconds from one step's start to the next (the first step, a warm-up, and
 the last, which validates and saves, left out) and the process's peak resident memory.
 
     python bench/align_speed.py                     # live and precomputed reference, 2 rounds
     python bench/align_speed.py --rounds 3 --steps 8 --modes '[live]'
+    python bench/align_speed.py --precision bf16-mixed    # TRL's default precision; for a CPU with AVX512-BF16 or a GPU
 """
 
 import json
@@ -50,7 +52,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
-hf_dir, data_file, out_dir, steps, batch, precompute = sys.argv[1:7]
+hf_dir, data_file, out_dir, steps, batch, precompute, bf16 = sys.argv[1:8]
 torch.manual_seed(0)
 tokenizer = AutoTokenizer.from_pretrained(hf_dir)
 model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -66,8 +68,8 @@ config = DPOConfig(output_dir=out_dir, per_device_train_batch_size=int(batch), g
                    max_steps=int(steps), learning_rate=5e-7, beta=0.1, logging_steps=1, report_to=[], use_cpu=True,
                    save_strategy="no", precompute_ref_log_probs=precompute == "true", max_length=1024,
                    dataloader_num_workers=0, seed=1337,
-                   # TRL's own defaults are bf16 autocast and gradient checkpointing; ours here: float32, no recompute
-                   bf16=False, fp16=False, gradient_checkpointing=False)
+                   # TRL's own defaults are bf16 autocast and gradient checkpointing; here: as ours, no recompute
+                   bf16=bf16 == "true", fp16=False, gradient_checkpointing=False)
 trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
 trainer.train()
 import resource
@@ -98,7 +100,7 @@ def run(command: list[str]) -> tuple[float, float]:
 
 
 def main(rounds: int = 2, steps: int = 6, batch: int = 8, modes: list[str] = ["live", "precomputed"],
-         hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf") -> dict:
+         precision: str = "32-true", hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf") -> dict:
     """Alternate ours and TRL's DPO runs and print s/step and peak memory.
 
     Args:
@@ -106,6 +108,7 @@ def main(rounds: int = 2, steps: int = 6, batch: int = 8, modes: list[str] = ["l
         steps: optimizer steps per run (the medians use steps 2 .. steps - 1).
         batch: pairs per step, one micro-batch.
         modes: live (a frozen reference model), precomputed (its log-probs computed once before training).
+        precision: 32-true, or bf16-mixed (bf16 autocast: ours --precision bf16-mixed, TRL's bf16=True).
         hf_dir: SmolLM2-135M-Instruct as a transformers directory.
     """
     from convert import from_hf
@@ -123,10 +126,11 @@ def main(rounds: int = 2, steps: int = 6, batch: int = 8, modes: list[str] = ["l
                     "--train.micro_batch_size", str(batch), "--train.epochs", "null", "--train.max_steps", str(steps),
                     "--train.lr", "5e-7", "--train.warmup_steps", "0", "--loss.beta", "0.1", "--reference", "copy",
                     "--precompute_reference", precompute, "--eval.interval", str(steps + 1), "--eval.max_new_tokens",
-                    "1", "--checkpoint.interval", str(steps + 1)]
+                    "1", "--checkpoint.interval", str(steps + 1), "--precision", precision]
             figures["ours"].append(run([sys.executable, "-c", OURS, json.dumps(args)]))
             figures["trl"].append(run([str(PEERS), "-c", TRL, str(hf_dir), str(data), str(work / f"trl-{mode}-{r}"),
-                                       str(steps), str(batch), precompute]))
+                                       str(steps), str(batch), precompute,
+                                       "true" if precision == "bf16-mixed" else "false"]))
             print(mode, r, {k: v[-1] for k, v in figures.items()}, flush=True)
         ours = statistics.median(s for s, _ in figures["ours"])
         trl = statistics.median(s for s, _ in figures["trl"])
