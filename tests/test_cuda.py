@@ -34,17 +34,20 @@ def test_cuda_is_there():
     assert (x + x).sum().item() == 8
 
 
-def test_fused_head_loss_matches_autograd_under_bf16_autocast():
-    """linear_cross_entropy's chunked forward and hand-written backward against the plain logits + cross entropy."""
+@pytest.mark.parametrize("groups", ["one", "of one chunk each"])
+def test_fused_head_loss_matches_autograd_under_bf16_autocast(groups):
+    """linear_cross_entropy's chunked forward and hand-written backward against the plain logits + cross entropy: the
+    weight gradient one product over all rows, or one per chunk summed in float32."""
     torch.manual_seed(0)
     N, C, V = 600, 256, 1024  # 600 rows: three chunks of 256, the last one partial
+    buffer_bytes = 1 << 27 if groups == "one" else 256 * V * 2
     x = torch.randn(N, C, device="cuda", requires_grad=True)
     w = (0.05 * torch.randn(V, C, device="cuda")).requires_grad_()
     b = (0.1 * torch.randn(V, device="cuda")).requires_grad_()
     targets = torch.randint(0, V, (N,), device="cuda")
     targets[::7] = IGNORE_INDEX
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = linear_cross_entropy(x, w, b, targets)
+        fused = linear_cross_entropy(x, w, b, targets, buffer_bytes=buffer_bytes)
         logits = F.linear(x, w, b)  # bf16 under autocast, as the fused matmuls are
     ref = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     grads = torch.autograd.grad(fused, (x, w, b))
