@@ -72,8 +72,13 @@ def use_decode_layout(model: GPT, rows: int = 1) -> GPT:
       into one block per thread (the BLAS would give it one thread) for one or two rows, oneDNN multiplies more;
     - from 8 rows on (batched sampling, RL rollouts) they stay row-major: oneDNN (model.linear) reads the two layouts
       at the same speed at 8 rows, row-major 1.1-1.4x faster at 16-32 (bench/decode_matmul.py).
+    4-bit layers computing in bf16 on a CPU with AVX512-BF16 take bitsandbytes' inference kernel
+    (quantize.Linear4bit.use_inference_kernel), which cannot train.
     Matmuls over a whole prompt lose a little, so use it for generation, not for scoring or training. Measurements:
     bench/RESULTS.md."""
+    for module in model.modules():
+        if hasattr(module, "use_inference_kernel"):
+            module.use_inference_kernel()
     if model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
         fuse_projections(model)
         return model

@@ -91,6 +91,12 @@ class Linear4bit(bnb.nn.Linear4bit):
         layer.support_avx512bf16_for_cpu = False
         return layer
 
+    def use_inference_kernel(self) -> None:
+        """For generation only (generation.use_decode_layout): let bitsandbytes repack the weight for its AVX512-BF16
+        CPU kernel at the first eval forward (SmolLM2-135M-Instruct nf4 decodes at 1.9x the tokens/s). That kernel
+        multiplies in bf16, so only where bf16 is the compute dtype; a packed weight cannot train or unpack (above)."""
+        self.support_avx512bf16_for_cpu = self.compute_dtype == torch.bfloat16 and bnb.functional.has_avx512bf16()
+
     def dequantize(self) -> torch.Tensor:
         # (out_features, in_features), in the original dtype
         return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)

@@ -266,6 +266,23 @@ def test_an_eval_pass_leaves_4bit_weights_and_qlora_gradients_unchanged(mode):
         assert torch.equal(m.dequantize(), weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_generation_takes_the_cpu_inference_kernel_only_for_bf16_compute(dtype):
+    """use_decode_layout lets bitsandbytes pack 4-bit layers for its AVX512-BF16 CPU kernel (which multiplies in bf16)
+    where the compute dtype is bf16 and the CPU has that kernel; the logits stay those of the unpacked layers within
+    bf16 rounding (the kernel keeps the block scales in bf16). Elsewhere nothing is packed."""
+    from generation import use_decode_layout
+    model = quantize_model(tiny_model(n_embd=128).to(dtype), "bnb.nf4", compute_dtype=dtype).eval()
+    idx = batch()
+    with torch.no_grad():
+        expected = model(idx).float()
+        use_decode_layout(model)
+        logits = model(idx).float()
+    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized_layers(model).values()]
+    assert set(packed) == {dtype == torch.bfloat16 and bnb.functional.has_avx512bf16()}
+    assert (logits - expected).abs().max() <= 0.02 * expected.abs().max()  # 0.7 % on the AVX512-BF16 host
+
+
 def test_qlora_merge_and_state_dict_names():
     float_total = sum(p.numel() for p in tiny_model().parameters())
     model = quantize_model(tiny_model(), "bnb.nf4")
