@@ -4,8 +4,9 @@ SmolLM2-135M-Instruct (ours: .cache/SmolLM2-135M-Instruct; TRL: the transformers
 .cache/SmolLM2-135M-Instruct-hf), the same arithmetic prompts (data_prep/arithmetic.py, chat-rendered by each side with
 the model's template), the same reward (1 when the completion's last number equals the record's answer:
 rewards.final_number for ours, the same rule written out in TRL's child), P prompts x G completions a step, sampling at
-temperature 1 up to L new tokens, float32, one policy update per rollout (TRL: num_iterations 1, beta 0, loss "dapo",
-no gradient checkpointing), the same torch threads. Each run is its own process; rounds alternate ours and TRL's.
+temperature 1 up to L new tokens, float32 (or bf16 autocast on both sides with `--precision bf16-mixed`: TRL's
+bf16=True, its default), one policy update per rollout (TRL: num_iterations 1, beta 0, loss "dapo", no gradient
+checkpointing), the same torch threads. Each run is its own process; rounds alternate ours and TRL's.
 
     python bench/grpo_speed.py                                  # P 2, G 4, L 64, 3 measured steps, 2 rounds
     python bench/grpo_speed.py --prompts 4 --generations 8 --max_new_tokens 128 --rounds 3
@@ -44,7 +45,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-hf_dir, data_file, out_dir, steps, prompts, generations, max_new_tokens, micro, threads, lr = sys.argv[1:11]
+hf_dir, data_file, out_dir, steps, prompts, generations, max_new_tokens, micro, threads, lr, bf16 = sys.argv[1:12]
 steps, prompts, generations, micro, threads = int(steps), int(prompts), int(generations), int(micro), int(threads)
 torch.set_num_threads(threads)
 torch.manual_seed(0)
@@ -75,9 +76,9 @@ accumulation = prompts * generations // micro
 config = GRPOConfig(output_dir=out_dir, num_generations=generations, max_completion_length=int(max_new_tokens),
                     temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", num_iterations=1,
                     per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
-                    max_steps=steps, learning_rate=float(lr), bf16=False, fp16=False, gradient_checkpointing=False,
-                    use_cpu=True, logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
-                    dataloader_num_workers=0, seed=1337)
+                    max_steps=steps, learning_rate=float(lr), bf16=bf16 == "true", fp16=False,
+                    gradient_checkpointing=False, use_cpu=True, logging_steps=1, report_to="none", save_strategy="no",
+                    eval_strategy="no", dataloader_num_workers=0, seed=1337)
 assert config.generation_batch_size == prompts * generations and config.steps_per_generation == accumulation
 trainer = GRPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                       reward_funcs=[final_number])
@@ -157,6 +158,7 @@ def summary(steps: list[dict]) -> dict:
 
 def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4, max_new_tokens: int = 64,
          micro_batch_size: int | None = None, threads: int = 2, lr: float = 1e-6, sides: list[str] = ["ours", "trl"],
+         precision: str = "32-true",
          checkpoint_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct",
          hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf", timeout: float = 900) -> dict:
     """Alternate grpo.py and TRL GRPOTrainer runs and print median rollout and update seconds per step.
@@ -171,6 +173,7 @@ def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4
         threads: torch threads (OMP_NUM_THREADS) of every run.
         lr: the learning rate of both sides.
         sides: which implementations to run: ours, trl.
+        precision: 32-true, or bf16-mixed (bf16 autocast: ours --precision bf16-mixed, TRL's bf16=True).
         checkpoint_dir: SmolLM2-135M-Instruct as our checkpoint.
         hf_dir: the same model as a transformers directory (TRL's).
         timeout: seconds one run may take.
@@ -191,7 +194,7 @@ def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4
                  "--rollout.max_new_tokens", str(max_new_tokens), "--rollout.temperature", "1.0",
                  "--train.prompts_per_step", str(prompts), "--train.micro_batch_size", str(micro),
                  "--train.epochs", "null", "--train.max_steps", str(total), "--train.lr", str(lr),
-                 "--precision", "32-true", "--eval.interval", "1000", "--checkpoint.interval", "1000",
+                 "--precision", precision, "--eval.interval", "1000", "--checkpoint.interval", "1000",
                  "--logger", "csv"]
     measured = {side: [] for side in sides}
     start = time.perf_counter()
@@ -201,7 +204,8 @@ def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4
                 all_steps = ours(ours_args, work / f"ours-{r}", prompts * generations, env, timeout)
             elif side == "trl":
                 all_steps = trl([str(hf_dir), str(train), str(work / f"trl-{r}"), str(total), str(prompts),
-                                 str(generations), str(max_new_tokens), str(micro), str(threads), str(lr)], env,
+                                 str(generations), str(max_new_tokens), str(micro), str(threads), str(lr),
+                                 "true" if precision == "bf16-mixed" else "false"], env,
                                 timeout)
             else:
                 raise SystemExit(f"--sides: unknown side {side!r} (ours, trl)")
@@ -219,7 +223,7 @@ def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4
                   f"{all_steps[0]['rollout_s']:.2f} + {all_steps[0]['update_s']:.2f} s", flush=True)
     results = {side: summary(v) for side, v in measured.items()}
 
-    print(f"\nSmolLM2-135M-Instruct, float32, {prompts} prompts x {generations} completions a step, up to "
+    print(f"\nSmolLM2-135M-Instruct, {precision}, {prompts} prompts x {generations} completions a step, up to "
           f"{max_new_tokens} new tokens, micro-batch {micro}, {threads} threads; medians of {steps} steps x {rounds} "
           f"rounds a side ({time.perf_counter() - start:.0f} s wall)")
     names = {"ours": "ours (grpo.py)", "trl": "TRL GRPOTrainer"}
