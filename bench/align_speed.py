@@ -3,9 +3,9 @@
 SmolLM2-135M-Instruct (the transformers directory tests/conftest.py builds in .cache/; ours converted from it), the
 same 32 chat pairs rendered with its chat template, the same batch (8 pairs a step, one micro-batch), float32 (or
 bf16 autocast on both sides: `--precision bf16-mixed`), beta 0.1, the reference live (a frozen copy) or precomputed once
-before training. Each run is its own process; rounds alternate
-ours and TRL's. Reported per run: the median seconds from one step's start to the next (the first step, a warm-up, and
-the last, which validates and saves, left out) and the process's peak resident memory.
+before training. Each run is its own process; rounds alternate ours and TRL's. Reported per run: the median seconds
+from one step's start to the next (the first step, a warm-up, and the last, which validates and saves, left out) and
+the process's peak resident memory.
 
     python bench/align_speed.py                     # live and precomputed reference, 2 rounds
     python bench/align_speed.py --rounds 3 --steps 8 --modes '[live]'
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / ".venv-peers" / "bin" / "python"
@@ -100,7 +101,8 @@ def run(command: list[str]) -> tuple[float, float]:
 
 
 def main(rounds: int = 2, steps: int = 6, batch: int = 8, modes: list[str] = ["live", "precomputed"],
-         precision: str = "32-true", hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf") -> dict:
+         precision: Literal["32-true", "bf16-mixed"] = "32-true",
+         hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf") -> dict:
     """Alternate ours and TRL's DPO runs and print s/step and peak memory.
 
     Args:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / ".venv-peers" / "bin" / "python"
@@ -158,7 +159,7 @@ def summary(steps: list[dict]) -> dict:
 
 def main(rounds: int = 2, steps: int = 3, prompts: int = 2, generations: int = 4, max_new_tokens: int = 64,
          micro_batch_size: int | None = None, threads: int = 2, lr: float = 1e-6, sides: list[str] = ["ours", "trl"],
-         precision: str = "32-true",
+         precision: Literal["32-true", "bf16-mixed"] = "32-true",
          checkpoint_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct",
          hf_dir: Path = ROOT / ".cache" / "SmolLM2-135M-Instruct-hf", timeout: float = 900) -> dict:
     """Alternate grpo.py and TRL GRPOTrainer runs and print median rollout and update seconds per step.
